@@ -1,0 +1,7 @@
+"""Checkpoints and resume. For now a simple synchronous save/resume (``sync.py``); the lazy
+asynchronous in-memory snapshots with erasure coding replace its save path later."""
+
+from .config import CheckpointConfig
+from .sync import CheckpointError, Restored, SyncCheckpointer, is_complete, list_complete
+
+__all__ = ["CheckpointConfig", "CheckpointError", "Restored", "SyncCheckpointer", "is_complete", "list_complete"]

@@ -1,0 +1,90 @@
+"""The process layout of a job, passed explicitly (no module globals)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ParallelConfig
+
+
+@dataclass
+class Mesh:
+    """rank/world_size over all processes; dp_rank/dp_size along the data-parallel axis."""
+
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available; set train.device=cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_mesh(cfg: ParallelConfig, device_name: str) -> Mesh:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else a 1-rank mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(device_name)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    dp_size = cfg.resolve_data_parallel(world_size)
+    return Mesh(rank=rank, world_size=world_size, dp_rank=rank % dp_size, dp_size=dp_size, device=device)
+
+
+def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
+    """Sum a host scalar over all ranks (token counts, loss sums)."""
+    if not mesh.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=mesh.device if mesh.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Sum gradients over data-parallel ranks.
+
+    Each rank's loss is its token-loss sum divided by the *global* token count, so the sum of the
+    ranks' gradients is the gradient of the global mean: ranks may hold different token counts.
+    Gradients are flattened per dtype into one buffer to make one collective per dtype.
+    """
+    if not mesh.distributed:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def shutdown(mesh: Mesh) -> None:
+    if mesh.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Bundled YAML job recipes (package data)."""

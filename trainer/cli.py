@@ -1,0 +1,103 @@
+"""``longtrain`` command line.
+
+    longtrain train RECIPE [key=value ...] [--nproc N] [--dry-run]
+    longtrain recipes
+
+RECIPE is a name from recipes/ or a YAML path; overrides use Hydra syntax. ``--nproc N`` starts N
+local processes through torch.distributed.run, each running ``python -m longtrain.trainer``.
+User errors (config keys, files, checkpoints, world size) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from longtrain.checkpoint import CheckpointError
+
+from .compose import available_recipes, compose, to_yaml
+from .config import ConfigError
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def _fail(message: str) -> int:
+    print(f"longtrain: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtrain", description="Memory-efficient long-context training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with a recipe")
+    train.add_argument("recipe", help="recipe name (see `longtrain recipes`) or path to a YAML file")
+    train.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. train.steps=10")
+    train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed.run)")
+    train.add_argument("--dry-run", action="store_true", help="compose, validate and print the plan; do not train")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    return parser
+
+
+def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
+    """Compose, prepare, train (the body of ``python -m longtrain.trainer`` on every rank)."""
+    from .train import prepare  # heavy imports after argument parsing
+
+    try:
+        cfg = compose(recipe, overrides)
+        if dry_run:
+            from .plan import dry_run_report
+
+            print(to_yaml(cfg))
+            print(dry_run_report(cfg))
+            return 0
+        job = prepare(cfg)
+    except USER_ERRORS as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    from longtrain.parallel import shutdown
+
+    try:
+        if job.start_step >= cfg.train.steps:
+            if job.mesh.is_main:
+                print(f"longtrain: {cfg.output_dir} already finished {cfg.train.steps} steps; nothing to do")
+            return 0
+        logged = job.run()
+        if job.mesh.is_main and logged:
+            last = logged[-1]
+            print(f"longtrain: done: step {last['step']} loss {last['loss']:.4f}; outputs in {cfg.output_dir}")
+    finally:
+        shutdown(job.mesh)
+    return 0
+
+
+def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
+    from torch.distributed import run as torchrun
+
+    if nproc < 1:
+        return _fail(f"--nproc must be >= 1, got {nproc}")
+    try:
+        compose(recipe, overrides)  # fail fast, once, before starting processes
+    except USER_ERRORS as e:
+        return _fail(str(e))
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "longtrain.trainer", recipe, *overrides]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        torchrun.main(args)
+    except Exception as e:  # ChildFailedError: each rank already printed its own error
+        print(f"longtrain: error: a training process failed ({type(e).__name__})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "recipes":
+        print("\n".join(available_recipes()))
+        return 0
+    if args.nproc != 1 and not args.dry_run:
+        return _launch(args.recipe, args.overrides, args.nproc)
+    return run_train(args.recipe, args.overrides, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

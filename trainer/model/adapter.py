@@ -1,0 +1,209 @@
+"""Hugging Face Llama-family causal LMs seen as three parts per decoder layer.
+
+    pre-attention   (row-wise)  x_th -> input norm -> q, k, v projections -> RoPE -> q_tnd, k_tkd, v_tkd
+    attention core  (global)    (q, k, v, documents) -> out_tnd, lse_nt        [attention.py]
+    post-attention  (row-wise)  (x_th, out_tnd) -> o_proj -> +x -> norm -> MLP -> + -> y_th
+
+"Row-wise" means every output row depends only on the same input row, so any subset of token
+rows can be rebuilt on its own: that is what token-wise recompute (offload/) and context
+parallelism (parallel/) rely on. The batch is flattened into one token stream of t = b * s rows.
+
+``CausalLM`` keeps the HF modules under their HF names (``model.layers.N.self_attn.q_proj``...),
+so its ``state_dict`` is the HF one. How the layers run is a pluggable ``LayerExecutor``: the model
+code never branches on a memory feature; ``offload.apply_activation_memory`` swaps the executor.
+This module imports nothing else of longtrain except the attention and loss modules beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .attention import AttentionBackend, DocSpans, attention, build_attention_backend
+from .loss import linear_cross_entropy
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+IGNORE_INDEX = -100
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x_tnd: Tensor, cos_td: Tensor, sin_td: Tensor) -> Tensor:
+    cos, sin = cos_td[:, None, :], sin_td[:, None, :]
+    return x_tnd * cos + _rotate_half(x_tnd) * sin
+
+
+class LayerParts:
+    """One HF decoder layer exposed as pre-attention / post-attention row-wise functions.
+
+    Holds references to the layer's submodules (not registered again as modules).
+    """
+
+    def __init__(self, layer: nn.Module, index: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = index
+        self.input_norm = layer.input_layernorm
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.post_norm = layer.post_attention_layernorm
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.n_heads = self.q_proj.out_features // self.head_dim
+        self.n_kv_heads = self.k_proj.out_features // self.head_dim
+
+    def pre_attention(self, x_th: Tensor, cos_td: Tensor, sin_td: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t, d = x_th.shape[0], self.head_dim
+        h_th = self.input_norm(x_th)
+        q_tnd = self.q_proj(h_th).view(t, self.n_heads, d)
+        k_tkd = self.k_proj(h_th).view(t, self.n_kv_heads, d)
+        v_tkd = self.v_proj(h_th).view(t, self.n_kv_heads, d)
+        return apply_rope(q_tnd, cos_td, sin_td), apply_rope(k_tkd, cos_td, sin_td), v_tkd
+
+    def post_attention(self, x_th: Tensor, attn_tnd: Tensor) -> Tensor:
+        r_th = x_th + self.o_proj(attn_tnd.reshape(attn_tnd.shape[0], -1))
+        h_th = self.post_norm(r_th)
+        return r_th + self.down_proj(self.act_fn(self.gate_proj(h_th)) * self.up_proj(h_th))
+
+
+@dataclass
+class LayerContext:
+    """What every layer of one forward shares: RoPE rows, document spans, the attention core."""
+
+    cos_td: Tensor
+    sin_td: Tensor
+    docs: DocSpans
+    backend: AttentionBackend
+
+    def attention(self, parts: LayerParts, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return attention(q, k, v, self.docs, self.backend, parts.scale)
+
+
+def run_layer(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
+    """The plain layer: pre-attention, attention core, post-attention."""
+    q, k, v = parts.pre_attention(x_th, ctx.cos_td, ctx.sin_td)
+    out_tnd, _lse = ctx.attention(parts, q, k, v)
+    return parts.post_attention(x_th, out_tnd)
+
+
+class LayerExecutor(Protocol):
+    """Runs all decoder layers; memory-saving executors decide what is kept for backward."""
+
+    def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor: ...
+
+
+class PlainExecutor:
+    """Autograd keeps every saved activation on the device (no memory saving)."""
+
+    def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
+        for parts in layers:
+            x_th = run_layer(parts, x_th, ctx)
+        return x_th
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Tensor | None = None  # loss_sum / normaliser
+    loss_sum: Tensor | None = None  # sum of token losses
+    num_tokens: int = 0  # tokens that contributed to loss_sum
+    logits: Tensor | None = None  # [b, s, V], only when no labels are given
+
+
+def shift_labels(labels_bs: Tensor) -> Tensor:
+    """HF convention: row i predicts labels[i + 1]; the last position of each row predicts nothing."""
+    targets = torch.full_like(labels_bs, IGNORE_INDEX)
+    targets[:, :-1] = labels_bs[:, 1:]
+    return targets
+
+
+class CausalLM(nn.Module):
+    """A supported HF causal LM run through the three-part layer split.
+
+    Call it like the HF model: ``model(input_ids=..., labels=...)`` -> output with ``.loss``.
+    Packed documents are isolated: a new document starts where ``position_ids == 0``.
+    """
+
+    def __init__(self, hf_model: nn.Module, attention_backend: str | AttentionBackend = "auto"):
+        super().__init__()
+        family = getattr(hf_model.config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"model family {family!r} is not supported; model.family must be one of {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        self.config = hf_model.config
+        self.model = hf_model.model  # embed_tokens, layers, norm, rotary_emb (HF names kept)
+        self.lm_head = hf_model.lm_head
+        object.__setattr__(self, "_hf_model", hf_model)  # not a submodule: parameters are registered once
+        window = getattr(self.config, "sliding_window", None)
+        uses_window = family == "mistral" or getattr(self.config, "use_sliding_window", False)
+        self.sliding_window: int | None = window if uses_window else None
+        if isinstance(attention_backend, str):
+            attention_backend = build_attention_backend(attention_backend, self.lm_head.weight.device)
+        self.attention_backend = attention_backend
+        self.layer_parts = [LayerParts(layer, i) for i, layer in enumerate(self.model.layers)]
+        self.layer_executor: LayerExecutor = PlainExecutor()
+        self.loss_chunk_rows = 4096
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_parts)
+
+    def layer_executor_stats(self) -> dict[str, float]:
+        """Statistics of the activation executor's last step (bytes offloaded, recomputed rows...)."""
+        stats = getattr(self.layer_executor, "stats", None)
+        return stats() if callable(stats) else {}
+
+    def rope(self, x_th: Tensor, position_ids_t: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.model.rotary_emb(x_th, position_ids_t[None, :])  # [1, t, d]
+        return cos[0], sin[0]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        loss_normalizer: float | Tensor | None = None,
+        **unused,
+    ) -> CausalLMOutput:
+        """input_ids, labels, position_ids: [b, s]. Loss = sum of token losses / loss_normalizer
+        (default: this batch's token count; the trainer passes the global count so that
+        data/context-parallel ranks and accumulation micro-batches weigh every token equally)."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        x_th = self.model.embed_tokens(input_ids).view(b * s, -1)
+        cos_td, sin_td = self.rope(x_th, position_ids.reshape(-1))
+        docs = DocSpans.from_position_ids(position_ids)
+        if self.sliding_window is not None and docs.max_len > self.sliding_window:
+            raise ValueError(
+                f"a document of {docs.max_len} tokens exceeds the model's sliding_window={self.sliding_window}; "
+                "sliding-window attention is not supported: set model.sliding_window=null or shorten train.seq_len"
+            )
+        ctx = LayerContext(cos_td, sin_td, docs, self.attention_backend)
+        x_th = self.layer_executor(self.layer_parts, x_th, ctx)
+        x_th = self.model.norm(x_th)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(x_th).view(b, s, -1))
+        targets_t = shift_labels(labels).reshape(-1)
+        loss_sum = linear_cross_entropy(
+            x_th, self.lm_head.weight, targets_t, bias_v=self.lm_head.bias, chunk_rows=self.loss_chunk_rows
+        )
+        num_tokens = int((targets_t != IGNORE_INDEX).sum())
+        norm = loss_normalizer if loss_normalizer is not None else max(num_tokens, 1)
+        return CausalLMOutput(loss=loss_sum / norm, loss_sum=loss_sum, num_tokens=num_tokens)
+
+    def to_hf(self) -> nn.Module:
+        """The wrapped HF model (shares these parameters): for saving in HF format or generation."""
+        return self._hf_model
+
+
+def adapt(hf_model: nn.Module, attention_backend: str | AttentionBackend = "auto") -> CausalLM:
+    """Wrap a supported HF causal LM (shares its parameters); an already adapted model is returned as is."""
+    if isinstance(hf_model, CausalLM):
+        return hf_model
+    return CausalLM(hf_model, attention_backend)

@@ -1,0 +1,280 @@
+"""Attention cores: ``(q, k, v, doc spans) -> (out, lse)`` with an explicit backward.
+
+Every backend implements ``forward`` and ``backward`` itself, so the plain path (through
+``attention`` below, an autograd Function) and the activation-memory paths in ``offload/`` (which
+save q, k, v, out, lse and call ``backward`` directly) run exactly the same kernels. Attention is
+never recomputed by the memory-saving paths; the logsumexp is what makes its backward possible
+without the score matrix.
+
+Layout ("thd", the flash-attn varlen layout): the batch is flattened into one token stream.
+
+    q_tnd  [t, n_heads, d]       k_tkd, v_tkd  [t, n_kv_heads, d]
+    out    [t, n_heads, d]       lse_nt        [n_heads, t]  float32 (float64 for float64 inputs)
+
+Documents never attend to each other: ``DocSpans`` lists their boundaries on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DocSpans:
+    """Boundaries of the documents in a flattened token stream (host-side, no device syncs)."""
+
+    cu_seqlens: tuple[int, ...]  # (0, end_0, end_1, ..., t)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> DocSpans:
+        """A document starts wherever ``position_ids == 0`` (and at every batch row start)."""
+        pos_bs = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+        b, s = pos_bs.shape
+        starts_bs = pos_bs.detach().cpu() == 0
+        starts_bs[:, 0] = True
+        starts = torch.nonzero(starts_bs.reshape(-1)).view(-1).tolist()
+        return cls(tuple(starts) + (b * s,))
+
+    @classmethod
+    def single(cls, t: int) -> DocSpans:
+        return cls((0, t))
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        c = self.cu_seqlens
+        return [(c[i], c[i + 1]) for i in range(len(c) - 1) if c[i + 1] > c[i]]
+
+    @property
+    def max_len(self) -> int:
+        return max((e - s for s, e in self.spans), default=0)
+
+    def tensor(self, device: torch.device | str) -> Tensor:
+        return torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, docs: DocSpans, scale: float) -> tuple[Tensor, Tensor]: ...
+
+    def backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, docs: DocSpans, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def _expand_kv(kv_tkd: Tensor, n_heads: int) -> Tensor:
+    """GQA: repeat each kv head for its group of query heads ([t, kv, d] -> [t, n, d])."""
+    t, n_kv, d = kv_tkd.shape
+    if n_kv == n_heads:
+        return kv_tkd
+    return kv_tkd[:, :, None, :].expand(t, n_kv, n_heads // n_kv, d).reshape(t, n_heads, d)
+
+
+def _fold_kv_grad(dkv_tnd: Tensor, n_kv: int) -> Tensor:
+    """Adjoint of ``_expand_kv``: sum the gradients of the query heads sharing a kv head."""
+    t, n, d = dkv_tnd.shape
+    if n == n_kv:
+        return dkv_tnd
+    return dkv_tnd.view(t, n_kv, n // n_kv, d).sum(dim=2)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    """float32 (float64 when the inputs are float64, so exactness checks stay exact)."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _bhsd(x_tnd: Tensor) -> Tensor:
+    return x_tnd.transpose(0, 1).unsqueeze(0)  # [t, n, d] -> [1, n, t, d]
+
+
+def _tnd(x_1nsd: Tensor) -> Tensor:
+    return x_1nsd.squeeze(0).transpose(0, 1)  # [1, n, t, d] -> [t, n, d]
+
+
+class _PerDocBackend:
+    """Shared per-document loop; subclasses implement one causal document."""
+
+    name = "base"
+
+    def forward(self, q, k, v, docs, scale):
+        n = q.shape[1]
+        k, v = _expand_kv(k, n), _expand_kv(v, n)
+        out = torch.empty_like(q)
+        lse = torch.empty(n, q.shape[0], dtype=_lse_dtype(q), device=q.device)
+        for s0, s1 in docs.spans:
+            o_doc, lse_doc = self.doc_forward(q[s0:s1], k[s0:s1], v[s0:s1], scale)
+            out[s0:s1] = o_doc
+            lse[:, s0:s1] = lse_doc
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, docs, scale):
+        n, n_kv = q.shape[1], k.shape[1]
+        k_full, v_full = _expand_kv(k, n), _expand_kv(v, n)
+        dq = torch.empty_like(q)
+        dk_full = torch.empty_like(q)
+        dv_full = torch.empty_like(q)
+        for s0, s1 in docs.spans:
+            dq[s0:s1], dk_full[s0:s1], dv_full[s0:s1] = self.doc_backward(
+                dout[s0:s1], q[s0:s1], k_full[s0:s1], v_full[s0:s1], out[s0:s1], lse[:, s0:s1], scale
+            )
+        return dq, _fold_kv_grad(dk_full, n_kv), _fold_kv_grad(dv_full, n_kv)
+
+
+class ReferenceAttention(_PerDocBackend):
+    """Plain math (scores, softmax, weighted sum) in the input dtype: the oracle for tests."""
+
+    name = "reference"
+
+    @staticmethod
+    def _math(q, k, v, scale):
+        # q, k, v: [L, n, d] -> scores [n, L, L]
+        scores = torch.einsum("ind,jnd->nij", q, k) * scale
+        L = q.shape[0]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [n, L]
+        probs = torch.exp(scores - lse[..., None])
+        out = torch.einsum("nij,jnd->ind", probs, v)
+        return out, lse
+
+    def doc_forward(self, q, k, v, scale):
+        out, lse = self._math(q, k, v, scale)
+        return out, lse.to(_lse_dtype(q))
+
+    def doc_backward(self, dout, q, k, v, out, lse, scale):
+        with torch.enable_grad():
+            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+            o, _ = self._math(*qkv, scale)
+            return torch.autograd.grad(o, qkv, dout)
+
+
+class CpuFlashAttention(_PerDocBackend):
+    """torch's CPU flash kernel: returns the logsumexp and has a backward that consumes it."""
+
+    name = "cpu_flash"
+
+    def doc_forward(self, q, k, v, scale):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, True, scale=scale
+        )
+        return _tnd(o), lse.squeeze(0)
+
+    def doc_backward(self, dout, q, k, v, out, lse, scale):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout).contiguous(), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(0).contiguous(),
+            0.0, True, scale=scale,
+        )
+        return _tnd(dq), _tnd(dk), _tnd(dv)
+
+
+class SdpaAttention(_PerDocBackend):
+    """``F.scaled_dot_product_attention`` for the output; the lse from blocked score rows.
+
+    SDPA does not return the logsumexp, so it is computed in query blocks of ``block`` rows
+    (memory O(block * L)). The backward rebuilds the output graph with SDPA (the fused kernel
+    recomputes its own scores, as flash backward does) and takes its vector-Jacobian product.
+    """
+
+    name = "sdpa"
+    block = 1024
+
+    def _lse(self, q, k, scale):
+        L = q.shape[0]
+        lse = torch.empty(q.shape[1], L, dtype=_lse_dtype(q), device=q.device)
+        for i0 in range(0, L, self.block):
+            i1 = min(L, i0 + self.block)
+            dt = _lse_dtype(q)
+            scores = torch.einsum("ind,jnd->nij", q[i0:i1].to(dt), k[:i1].to(dt)) * scale
+            rows = torch.arange(i0, i1, device=q.device)[:, None]
+            cols = torch.arange(i1, device=q.device)[None, :]
+            lse[:, i0:i1] = torch.logsumexp(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
+        return lse
+
+    def doc_forward(self, q, k, v, scale):
+        o = F.scaled_dot_product_attention(_bhsd(q), _bhsd(k), _bhsd(v), is_causal=True, scale=scale)
+        return _tnd(o), self._lse(q, k, scale)
+
+    def doc_backward(self, dout, q, k, v, out, lse, scale):
+        with torch.enable_grad():
+            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+            o = F.scaled_dot_product_attention(*(_bhsd(x) for x in qkv), is_causal=True, scale=scale)
+            return torch.autograd.grad(_tnd(o), qkv, dout)
+
+
+class FlashAttnVarlen:
+    """flash-attn's varlen kernels (CUDA only; used when the package is installed)."""
+
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward
+
+        self._fwd, self._bwd = _flash_attn_varlen_forward, _flash_attn_varlen_backward
+
+    def forward(self, q, k, v, docs, scale):
+        cu = docs.tensor(q.device)
+        out, lse, *_ = self._fwd(q, k, v, cu, cu, docs.max_len, docs.max_len, 0.0, scale, causal=True)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, docs, scale):
+        cu = docs.tensor(q.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._bwd(dout, q, k, v, out, lse, dq, dk, dv, cu, cu, docs.max_len, docs.max_len, 0.0, scale, True)
+        return dq, dk, dv
+
+
+BACKENDS = ("auto", "cpu_flash", "sdpa", "flash_attn", "reference")
+
+
+def build_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Pick an attention core by name; ``auto`` = flash-attn on CUDA if installed, else SDPA; CPU flash on CPU."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                return FlashAttnVarlen()
+            except ImportError:
+                return SdpaAttention()
+        return CpuFlashAttention()
+    if name == "cpu_flash":
+        return CpuFlashAttention()
+    if name == "sdpa":
+        return SdpaAttention()
+    if name == "reference":
+        return ReferenceAttention()
+    if name == "flash_attn":
+        try:
+            return FlashAttnVarlen()
+        except ImportError as e:
+            raise ValueError("model.attention=flash_attn needs the flash-attn package on CUDA; use auto or sdpa") from e
+    raise ValueError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, backend, docs, scale):
+        out, lse = backend.forward(q, k, v, docs, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend, ctx.docs, ctx.scale = backend, docs, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.docs, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def attention(
+    q_tnd: Tensor, k_tkd: Tensor, v_tkd: Tensor, docs: DocSpans, backend: AttentionBackend, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Differentiable per-document causal attention: returns (out [t, n, d], lse [n, t] float32)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q_tnd.shape[-1])
+    return _AttentionFunction.apply(q_tnd, k_tkd, v_tkd, backend, docs, scale)

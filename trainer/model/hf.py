@@ -1,0 +1,82 @@
+"""Build a Hugging Face Llama-family model from sizes (random init) or a local directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import SUPPORTED_FAMILIES
+
+
+def _hf_classes(family: str) -> tuple[type, type]:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    return {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[family]
+
+
+def hf_config_from_sizes(cfg: Any, vocab_size: int, seq_len: int) -> Any:
+    """An HF config for ``cfg.family`` with the sizes of a ``ModelConfig``-like object."""
+    config_cls, _ = _hf_classes(cfg.family)
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    intermediate = cfg.intermediate_size or 64 * -(-int(8 * cfg.hidden_size / 3) // 64)
+    kwargs = dict(
+        vocab_size=cfg.vocab_size or vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings or max(seq_len, 2048),
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=0.0,
+    )
+    if cfg.family == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window
+    return config_cls(**kwargs)
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a supported model from a local HF directory (config.json + safetensors); no network."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.path {str(path)!r} has no config.json; point model.path at a local HF model directory")
+    family = json.loads(config_file.read_text()).get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model.path {str(path)!r} holds a {family!r} model; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(f"model.path {str(path)!r} has no *.safetensors weights")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+def build_hf_model(cfg: Any, *, vocab_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``cfg.path`` set: load it; otherwise a randomly initialised model of ``cfg.family`` (seed first)."""
+    if cfg.path:
+        return load_hf_model(cfg.path, dtype)
+    _, model_cls = _hf_classes(cfg.family)
+    hf_config = hf_config_from_sizes(cfg, vocab_size, seq_len)
+    model = model_cls(hf_config)
+    return model.to(dtype)

@@ -1,0 +1,52 @@
+"""``--dry-run``: what a job would need, computed without allocating the model.
+
+The MIP planner replaces the activation estimate with a plan; this report is what can be known
+from the config alone: parameter count (model built on the meta device), model-state bytes and
+the plain-autograd activation bytes per micro-batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import JobConfig
+from .model.hf import _hf_classes, hf_config_from_sizes
+
+
+def _meta_model(cfg: JobConfig, vocab_size: int):
+    if cfg.model.path:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config)
+    hf_config = hf_config_from_sizes(cfg.model, vocab_size, cfg.train.seq_len)
+    _, model_cls = _hf_classes(cfg.model.family)
+    with torch.device("meta"):
+        return model_cls(hf_config)
+
+
+def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
+    """A few lines: parameters, model-state bytes, activation bytes per micro-batch."""
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {cfg.model.path!r} has no config.json; point it at a local HF model directory")
+    model = _meta_model(cfg, cfg.model.vocab_size or vocab_size)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    state_bytes = n_params * 16  # fp32 weights + grads + Adam m, v
+    tokens = cfg.data.micro_batch_size * cfg.train.seq_len
+    # plain autograd keeps ~ (10 h + 4 kv + 3 ffn) values per token per layer (norms, q/k/v, attention
+    # out, residuals, MLP intermediates); bf16 halves them.
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token_layer = 10 * c.hidden_size + 4 * c.num_key_value_heads * head_dim + 3 * c.intermediate_size
+    act_bytes = per_token_layer * tokens * c.num_hidden_layers * (2 if cfg.train.dtype == "bfloat16" else 4)
+    gib = 2**30
+    return "\n".join([
+        f"model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params / 1e6:.1f}M parameters",
+        f"model states (fp32 weights, grads, AdamW): {state_bytes / gib:.2f} GiB per data-parallel replica",
+        f"tokens per micro-batch: {tokens}; plain-autograd activations: {act_bytes / gib:.2f} GiB "
+        f"(activation.mode={cfg.activation.mode} reduces this)",
+        "dry run: config is valid",
+    ])

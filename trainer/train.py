@@ -1,0 +1,210 @@
+"""The training loop. ``prepare`` builds everything (user errors surface here, before any step);
+``Job.run`` trains. ``train(cfg)`` does both.
+
+One optimizer step:
+    grad_accum micro-batches -> forward (layers run by the activation executor) -> chunked loss
+    / global token count -> backward -> sum gradients over data-parallel ranks -> clip -> step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longtrain.checkpoint import SyncCheckpointer
+from longtrain.offload import apply_activation_memory
+from longtrain.optim import build_optimizer as make_optimizer
+from longtrain.optim import build_scheduler
+from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, shutdown, sync_gradients
+from longtrain.trainer.data import MicroBatch, PackedLoader, Tokenizer
+from longtrain.trainer.data import build_data as make_data
+
+from .compose import to_yaml
+from .config import JobConfig
+from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, peak_memory_bytes
+from .model.adapter import CausalLM, adapt
+from .model.attention import DocSpans
+from .model.hf import build_hf_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader]:
+    return make_data(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
+
+
+def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
+    """HF model (identically seeded on every rank) -> adapter -> activation-memory executor."""
+    torch.manual_seed(cfg.seed)
+    # bf16 runs keep fp32 master weights and autocast; float64 is for exactness checks.
+    param_dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    hf_model = build_hf_model(cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype)
+    if hf_model.config.vocab_size < vocab_size:
+        raise ValueError(
+            f"model vocab_size {hf_model.config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+            "raise model.vocab_size or use the model's own tokenizer (data.tokenizer)"
+        )
+    model = adapt(hf_model.to(mesh.device), cfg.model.attention)
+    activation = cfg.activation
+    if activation.file_dir is None:
+        activation = dataclasses.replace(activation, file_dir=str(Path(cfg.output_dir) / "activation_swap"))
+    return apply_activation_memory(model, activation)
+
+
+def build_optimizer(cfg: JobConfig, model: CausalLM):
+    optimizer = make_optimizer(model, cfg.optim)
+    return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+
+
+def build_checkpointer(cfg: JobConfig, mesh: Mesh) -> SyncCheckpointer:
+    return SyncCheckpointer(cfg.checkpoint, cfg.output_dir, mesh.is_main, dataclasses.asdict(cfg.model))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    num_tokens: int  # loss tokens over all ranks and micro-batches
+    seen_tokens: int  # all input positions over all ranks (padding included)
+    model_flops: float  # over all ranks
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    mesh: Mesh
+    tokenizer: Tokenizer
+    loader: PackedLoader
+    model: CausalLM
+    optimizer: Any
+    scheduler: Any
+    checkpointer: SyncCheckpointer
+    start_step: int
+
+    def autocast(self):
+        if self.cfg.train.dtype == "bfloat16":
+            return torch.autocast(self.mesh.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches (token-weighted across ranks)."""
+        mesh, model = self.mesh, self.model
+        num_tokens = all_reduce_sum(sum(mb.num_loss_tokens for mb in micro_batches), mesh)
+        loss_sum, flops = 0.0, 0.0
+        for mb in micro_batches:
+            mb = mb.to(mesh.device, non_blocking=True)
+            with self.autocast():
+                out = model(input_ids=mb.input_ids, labels=mb.labels, position_ids=mb.position_ids,
+                            loss_normalizer=max(num_tokens, 1))
+            out.loss.backward()
+            loss_sum += out.loss_sum.item()
+            flops += self._flops(mb)
+        sync_gradients(model, mesh)
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seen = sum(mb.input_ids.numel() for mb in micro_batches)
+        return StepResult(
+            loss=all_reduce_sum(loss_sum, mesh) / max(num_tokens, 1),
+            grad_norm=grad_norm,
+            num_tokens=int(num_tokens),
+            seen_tokens=int(seen * mesh.dp_size),
+            model_flops=flops * mesh.dp_size,
+        )
+
+    def _flops(self, mb: MicroBatch) -> float:
+        spans = DocSpans.from_position_ids(mb.position_ids).spans
+        mean_doc = sum((e - s) ** 2 for s, e in spans) / max(1, mb.input_ids.numel())
+        cfg = self.model.config
+        hidden_q = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        per_token = model_flops_per_token(self._dense_params, cfg.num_hidden_layers, hidden_q, mean_doc)
+        return per_token * mb.input_ids.numel()
+
+    @property
+    def _dense_params(self) -> int:
+        return sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train from ``start_step`` to ``train.steps``; returns the logged metric dicts."""
+        cfg, mesh = self.cfg, self.mesh
+        writer = MetricsWriter(
+            cfg.output_dir, enabled=mesh.is_main, progress=cfg.logging.progress, total_steps=cfg.train.steps,
+            start_step=self.start_step,
+            wandb_cfg={"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_run_name,
+                       "id": Path(cfg.output_dir).resolve().name} if cfg.logging.wandb else None,
+            config=dataclasses.asdict(cfg),
+        )
+        peak = cfg.logging.peak_flops or detect_peak_flops(mesh.device, DTYPES[cfg.train.dtype])
+        logged: list[dict[str, Any]] = []
+        total_tokens = self.start_step * cfg.train.grad_accum * self.loader.micro_batch_size * cfg.train.seq_len * mesh.dp_size
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+        try:
+            for step in range(self.start_step + 1, cfg.train.steps + 1):
+                result = self.train_step([next(self.loader) for _ in range(cfg.train.grad_accum)])
+                total_tokens += result.seen_tokens
+                window_tokens += result.seen_tokens
+                window_flops += result.model_flops
+                writer.step_done()
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics = {
+                        "step": step,
+                        "loss": result.loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": result.grad_norm,
+                        "tokens": total_tokens,
+                        "loss_tokens": result.num_tokens,
+                        "tokens_per_s": window_tokens / elapsed,
+                        "mfu": window_flops / elapsed / (peak * mesh.world_size),
+                        "mem_peak_bytes": peak_memory_bytes(mesh.device),
+                        **self.model.layer_executor_stats(),
+                    }
+                    writer.log(metrics)
+                    logged.append(metrics)
+                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                if self.checkpointer.should_save(step, cfg.train.steps):
+                    self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, self.loader.state_dict())
+                    if mesh.distributed:
+                        torch.distributed.barrier()
+        finally:
+            writer.close()
+        return logged
+
+
+def prepare(cfg: JobConfig) -> Job:
+    """Everything before the first step: mesh, data, model, optimizer, checkpoint resume."""
+    mesh = init_mesh(cfg.parallel, cfg.train.device)
+    tokenizer, loader = build_data(cfg, mesh)
+    model = build_model(cfg, mesh, tokenizer.vocab_size)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    checkpointer = build_checkpointer(cfg, mesh)
+    start_step = 0
+    resume_from = checkpointer.find_resume()
+    if resume_from is not None:
+        restored = checkpointer.load(resume_from, model, optimizer, scheduler)
+        loader.load_state_dict(restored.data_state)
+        start_step = restored.step
+        if mesh.is_main:
+            print(f"longtrain: resumed from {restored.path} (step {start_step})", flush=True)
+    if mesh.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+    return Job(cfg, mesh, tokenizer, loader, model, optimizer, scheduler, checkpointer, start_step)
+
+
+def train(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Build and train; returns the logged metrics (rank 0; other ranks return [])."""
+    job = prepare(cfg)
+    try:
+        return job.run()
+    finally:
+        shutdown(job.mesh)
