@@ -1,0 +1,141 @@
+"""``PackedLoader``: a deterministic, resumable, infinite stream of micro-batches for one DP rank.
+
+Global micro-batch ``g`` (the same counter on every rank) lives in epoch ``e = g // steps``
+with ``steps = num_rows // (B * world)`` (the remainder rows of an epoch are skipped; the next
+epoch's permutation reaches them). Within the epoch, rank ``r`` takes rows
+``perm_e[k*B*world + r*B : k*B*world + (r+1)*B]`` with ``k = g % steps`` and
+``perm_e = torch.randperm(num_rows, generator=seeded(seed + e))``. So every micro-batch is
+addressed by index: resuming sets ``g`` and replays nothing, and the ranks of one step read
+disjoint rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from longtrain.trainer.data.packing import IGNORE_INDEX, PackedRows
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of packed rows. Labels are unshifted (Hugging Face convention)."""
+
+    input_ids: torch.Tensor  # [b, s] int64
+    labels: torch.Tensor  # [b, s] int64, IGNORE_INDEX at document starts and padding
+    position_ids: torch.Tensor  # [b, s] int64, 0 at every document start
+    num_loss_tokens: int = -1  # targets after the shift: (labels[:, 1:] != -100).sum(); -1 = compute
+
+    def __post_init__(self) -> None:
+        if self.num_loss_tokens < 0:
+            count = int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+            object.__setattr__(self, "num_loss_tokens", count)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
+        """Copy to ``device``; ``num_loss_tokens`` is carried over (no device sync)."""
+        return MicroBatch(
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
+            num_loss_tokens=self.num_loss_tokens,
+        )
+
+
+class PackedLoader:
+    """Infinite iterator of ``MicroBatch`` for rank ``dp_rank`` of ``dp_world``."""
+
+    def __init__(
+        self,
+        rows: PackedRows,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if (
+            isinstance(micro_batch_size, bool)
+            or not isinstance(micro_batch_size, int)
+            or micro_batch_size <= 0
+        ):
+            raise ValueError(f"data.micro_batch_size must be a positive int, got {micro_batch_size!r}")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
+        rows_per_step = micro_batch_size * dp_world
+        if len(rows) < rows_per_step:
+            raise ValueError(
+                f"only {len(rows)} packed rows of train.seq_len={rows.seq_len} tokens, fewer than "
+                f"data.micro_batch_size={micro_batch_size} x {dp_world} data-parallel ranks; "
+                "lower train.seq_len or data.micro_batch_size, or use more data (data.max_documents)"
+            )
+        self.rows = rows
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = len(rows) // rows_per_step
+        self.consumed_microbatches = 0
+        self._perm_epoch = -1
+        self._perm = torch.arange(len(rows))
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next micro-batch."""
+        return self.consumed_microbatches // self.steps_per_epoch
+
+    def row_indices(self, g: int) -> torch.Tensor:
+        """Row indices [B] of this rank's global micro-batch ``g``."""
+        epoch, k = divmod(g, self.steps_per_epoch)
+        if self.shuffle and epoch != self._perm_epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(len(self.rows), generator=generator)
+            self._perm_epoch = epoch
+        start = (k * self.dp_world + self.dp_rank) * self.micro_batch_size
+        return self._perm[start : start + self.micro_batch_size]
+
+    def batch(self, g: int) -> MicroBatch:
+        """This rank's global micro-batch ``g`` (does not move the iterator)."""
+        idx = self.row_indices(g)  # [b]
+        return MicroBatch(
+            input_ids=self.rows.input_ids[idx].long(),  # [b, s]
+            labels=self.rows.labels[idx].long(),  # [b, s]
+            position_ids=self.rows.position_ids[idx].long(),  # [b, s]
+        )
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> MicroBatch:
+        mb = self.batch(self.consumed_microbatches)
+        self.consumed_microbatches += 1
+        return mb
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed_microbatches": self.consumed_microbatches,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "num_rows": len(self.rows),
+            "micro_batch_size": self.micro_batch_size,
+            "dp_world": self.dp_world,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state["consumed_microbatches"]``; the layout must match the saved one."""
+        expected = {
+            "seed": self.seed,
+            "num_rows": len(self.rows),
+            "micro_batch_size": self.micro_batch_size,
+            "dp_world": self.dp_world,
+        }
+        changed = [
+            f"{k}: saved {state[k]}, now {v}" for k, v in expected.items() if k in state and state[k] != v
+        ]
+        if changed:
+            raise ValueError(
+                "data loader state does not match this run (" + "; ".join(changed) + "); resume with "
+                "the same data.*, train.seq_len, seed and data-parallel size"
+            )
+        self.consumed_microbatches = int(state["consumed_microbatches"])

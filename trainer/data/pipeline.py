@@ -1,0 +1,80 @@
+"""``build_data``: config -> tokenizer + packed rows -> resumable loader, in one readable pass.
+
+    texts     = load_texts(cfg)                      # bundled prose+passkey, or local files
+    documents = tokenizer.encode_batch(texts) + eos  # token lists
+    train/val = split documents (seeded)             # only when data.val_fraction > 0
+    rows      = pack_documents(train, seq_len)       # [n, s] input_ids / labels / position_ids
+    loader    = PackedLoader(rows, B, rank, world)   # micro-batch g -> rows, by index
+
+Everything is recomputed at start-up (the bundled source takes about a second) and nothing is
+cached on disk.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from longtrain.trainer.data.config import DataConfig
+from longtrain.trainer.data.loader import PackedLoader
+from longtrain.trainer.data.packing import PackedRows, pack_documents
+from longtrain.trainer.data.sources import load_texts
+from longtrain.trainer.data.tokenizer import Tokenizer, load_tokenizer
+
+_ENCODE_CHUNK = 1024  # texts per encode_batch call (bounds peak memory of the Rust encoder)
+
+
+@dataclass(frozen=True)
+class PackedData:
+    """Tokenizer plus the packed train rows and, with ``data.val_fraction > 0``, val rows."""
+
+    tokenizer: Tokenizer
+    train: PackedRows
+    val: PackedRows | None
+
+
+def build_datasets(cfg: DataConfig, *, seq_len: int, seed: int) -> PackedData:
+    """Load, tokenise, split and pack; identical on every rank for the same arguments."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"train.seq_len must be a positive int, got {seq_len!r}")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    texts = load_texts(cfg, seed=seed)
+    if not texts:
+        raise ValueError(f"data.path={cfg.path!r} holds no non-empty {cfg.text_field!r} values")
+
+    eos = [tokenizer.eos_id] if cfg.add_eos else []
+    documents: list[list[int]] = []
+    for i in range(0, len(texts), _ENCODE_CHUNK):
+        documents += [ids + eos for ids in tokenizer.encode_batch(texts[i : i + _ENCODE_CHUNK])]
+
+    order = list(range(len(documents)))
+    if cfg.shuffle:
+        random.Random(seed).shuffle(order)
+    num_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * len(documents)))
+    if num_val >= len(documents):
+        raise ValueError(
+            f"data.val_fraction={cfg.val_fraction} leaves no training documents out of {len(documents)}"
+        )
+    train_docs = [documents[i] for i in order[: len(order) - num_val]]
+    val_docs = [documents[i] for i in order[len(order) - num_val :]]
+
+    pack_seed = seed if cfg.shuffle else None
+    train = pack_documents(train_docs, seq_len, tokenizer.pad_id, seed=pack_seed)
+    val = pack_documents(val_docs, seq_len, tokenizer.pad_id) if val_docs else None
+    return PackedData(tokenizer=tokenizer, train=train, val=val)
+
+
+def build_data(
+    cfg: DataConfig, *, seq_len: int, seed: int, dp_rank: int = 0, dp_world: int = 1
+) -> tuple[Tokenizer, PackedLoader]:
+    """The tokenizer and this rank's training loader (see ``build_datasets`` for the val rows)."""
+    data = build_datasets(cfg, seq_len=seq_len, seed=seed)
+    loader = PackedLoader(
+        data.train,
+        micro_batch_size=cfg.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        seed=seed,
+        shuffle=cfg.shuffle,
+    )
+    return data.tokenizer, loader
