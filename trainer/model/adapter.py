@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AttentionBackend, DocSpans, attention, build_attention_backend
-from .loss import linear_cross_entropy
+from .loss_triton import fused_linear_cross_entropy
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
 IGNORE_INDEX = -100
@@ -190,7 +190,7 @@ class CausalLM(nn.Module):
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(x_th).view(b, s, -1))
         targets_t = shift_labels(labels).reshape(-1)
-        loss_sum = linear_cross_entropy(
+        loss_sum = fused_linear_cross_entropy(
             x_th, self.lm_head.weight, targets_t, bias_v=self.lm_head.bias, chunk_rows=self.loss_chunk_rows
         )
         num_tokens = int((targets_t != IGNORE_INDEX).sum())
