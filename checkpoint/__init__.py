@@ -4,4 +4,11 @@ asynchronous in-memory snapshots with erasure coding replace its save path later
 from .config import CheckpointConfig
 from .sync import CheckpointError, Restored, SyncCheckpointer, is_complete, list_complete
 
-__all__ = ["CheckpointConfig", "CheckpointError", "Restored", "SyncCheckpointer", "is_complete", "list_complete"]
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointError",
+    "Restored",
+    "SyncCheckpointer",
+    "is_complete",
+    "list_complete",
+]

@@ -24,4 +24,6 @@ class CheckpointConfig:
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
             raise ValueError(f"checkpoint.keep must be an int >= 0 (0 keeps all), got {self.keep!r}")
         if not isinstance(self.resume, str) or not self.resume:
-            raise ValueError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {self.resume!r}")
+            raise ValueError(
+                f"checkpoint.resume must be auto, never or a checkpoint directory, got {self.resume!r}"
+            )

@@ -55,7 +55,9 @@ def is_complete(path: Path) -> bool:
         sizes = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items())
+    return all(
+        (path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items()
+    )
 
 
 def list_complete(root: Path) -> list[Path]:
@@ -84,7 +86,9 @@ class SyncCheckpointer:
     def should_save(self, step: int, total_steps: int) -> bool:
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == total_steps)
 
-    def save(self, step: int, model: nn.Module, optimizer, scheduler, data_state: dict[str, Any]) -> Path | None:
+    def save(
+        self, step: int, model: nn.Module, optimizer, scheduler, data_state: dict[str, Any]
+    ) -> Path | None:
         final = _step_dir(self.root, step)
         if not self.is_main:
             return final
@@ -92,7 +96,9 @@ class SyncCheckpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+        )
         state = {
             "step": step,
             "data": data_state,
@@ -124,16 +130,21 @@ class SyncCheckpointer:
             return found[-1] if found else None
         path = Path(self.cfg.resume)
         if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume={self.cfg.resume!r} is not a directory; use auto, never or a step-N directory")
+            raise CheckpointError(
+                f"checkpoint.resume={self.cfg.resume!r} is not a directory; use auto, never or a step-N directory"
+            )
         if not is_complete(path):
-            raise CheckpointError(f"checkpoint.resume={self.cfg.resume!r} is incomplete (no valid {MANIFEST}); pick another step-N")
+            raise CheckpointError(
+                f"checkpoint.resume={self.cfg.resume!r} is incomplete (no valid {MANIFEST}); pick another step-N"
+            )
         return path
 
     def load(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("model_config") != self.model_config:
             changed = sorted(
-                k for k in set(state.get("model_config", {})) | set(self.model_config)
+                k
+                for k in set(state.get("model_config", {})) | set(self.model_config)
                 if state.get("model_config", {}).get(k) != self.model_config.get(k)
             )
             raise CheckpointError(

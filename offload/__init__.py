@@ -15,9 +15,13 @@ from torch import nn
 from longtrain.trainer.model.adapter import CausalLM, PlainExecutor, adapt
 
 from .config import ActivationConfig
-from .recompute import RecomputeExecutor
+from .copy_engine import build_copy_engine
+from .profile import resolve_alpha
+from .recompute import OffloadAllExecutor, RecomputeExecutor
+from .store import build_store
+from .tokenwise import TokenwiseExecutor
 
-__all__ = ["ActivationConfig", "apply_activation_memory"]
+__all__ = ["ActivationConfig", "activation_stats", "apply_activation_memory"]
 
 
 def _as_config(cfg: ActivationConfig | dict[str, Any] | None) -> ActivationConfig:
@@ -43,6 +47,22 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
         model.layer_executor = PlainExecutor()
     elif cfg.mode == "recompute":
         model.layer_executor = RecomputeExecutor()
+    elif cfg.mode == "offload":
+        model.layer_executor = OffloadAllExecutor()
     else:
-        raise ValueError(f"activation.mode={cfg.mode} is not available yet; use none or recompute")
+        device = next(model.parameters()).device
+        engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params)
+        if cfg.alpha == "auto":
+            executor.alpha_resolver = lambda layers, x, ctx: resolve_alpha(executor, layers, x, ctx, cfg)
+        model.layer_executor = executor
     return model
+
+
+def activation_stats(model: nn.Module) -> dict[str, float]:
+    """Last step's statistics: host_bytes, file_bytes, device_peak_bytes, recomputed_rows, copy times..."""
+    executor = getattr(model, "layer_executor", None)
+    stats = getattr(executor, "stats", None)
+    base = {"host_bytes": 0, "file_bytes": 0, "device_peak_bytes": 0, "recomputed_rows": 0}
+    return {**base, **(stats() if callable(stats) else {})}

@@ -41,13 +41,21 @@ class ActivationConfig:
         if isinstance(self.alpha, str):
             if self.alpha != "auto":
                 raise ValueError(f"activation.alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
-        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0.0 <= self.alpha <= 1.0:
+        elif (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, int | float)
+            or not 0.0 <= self.alpha <= 1.0
+        ):
             raise ValueError(f"activation.alpha must be in [0, 1], got {self.alpha}")
         else:
             self.alpha = float(self.alpha)
         if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 0:
             raise ValueError(f"activation.keep_last must be an int >= 0, got {self.keep_last!r}")
         if self.host_budget_bytes is not None and (
-            isinstance(self.host_budget_bytes, bool) or not isinstance(self.host_budget_bytes, int) or self.host_budget_bytes <= 0
+            isinstance(self.host_budget_bytes, bool)
+            or not isinstance(self.host_budget_bytes, int)
+            or self.host_budget_bytes <= 0
         ):
-            raise ValueError(f"activation.host_budget_bytes must be a positive int or null, got {self.host_budget_bytes!r}")
+            raise ValueError(
+                f"activation.host_budget_bytes must be a positive int or null, got {self.host_budget_bytes!r}"
+            )

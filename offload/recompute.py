@@ -1,7 +1,9 @@
-"""Full layer recompute: autograd keeps only each layer's input (torch.utils.checkpoint)."""
+"""The two baselines: full layer recompute (torch.utils.checkpoint) and offload-everything
+(torch.autograd.graph.save_on_cpu, the behaviour of torchtune's activation offloading)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -14,4 +16,14 @@ class RecomputeExecutor:
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         for parts in layers:
             x_th = checkpoint(run_layer, parts, x_th, ctx, use_reentrant=False)
+        return x_th
+
+
+class OffloadAllExecutor:
+    """Every saved tensor of every layer goes to host memory (pinned on CUDA) and comes back in backward."""
+
+    def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
+        with torch.autograd.graph.save_on_cpu(pin_memory=x_th.is_cuda):
+            for parts in layers:
+                x_th = run_layer(parts, x_th, ctx)
         return x_th

@@ -20,10 +20,14 @@ class ParallelConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.data_parallel, bool) or not isinstance(self.data_parallel, int) or (
-            self.data_parallel != -1 and self.data_parallel < 1
+        if (
+            isinstance(self.data_parallel, bool)
+            or not isinstance(self.data_parallel, int)
+            or (self.data_parallel != -1 and self.data_parallel < 1)
         ):
-            raise ValueError(f"parallel.data_parallel must be -1 (world size) or a positive int, got {self.data_parallel!r}")
+            raise ValueError(
+                f"parallel.data_parallel must be -1 (world size) or a positive int, got {self.data_parallel!r}"
+            )
         if self.context_parallel != 1:
             raise ValueError(
                 f"parallel.context_parallel={self.context_parallel} is not available yet (hybrid data/context "

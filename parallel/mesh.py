@@ -35,7 +35,9 @@ class Mesh:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available; set train.device=cpu or auto")
+            raise ValueError(
+                "train.device=cuda but no CUDA device is available; set train.device=cpu or auto"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -58,7 +60,9 @@ def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
     """Sum a host scalar over all ranks (token counts, loss sums)."""
     if not mesh.distributed:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=mesh.device if mesh.device.type == "cuda" else "cpu")
+    t = torch.tensor(
+        [float(value)], dtype=torch.float64, device=mesh.device if mesh.device.type == "cuda" else "cpu"
+    )
     dist.all_reduce(t)
     return t.item()
 

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe name (see `longtrain recipes`) or path to a YAML file")
     train.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. train.steps=10")
     train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed.run)")
-    train.add_argument("--dry-run", action="store_true", help="compose, validate and print the plan; do not train")
+    train.add_argument(
+        "--dry-run", action="store_true", help="compose, validate and print the plan; do not train"
+    )
     sub.add_parser("recipes", help="list the bundled recipes")
     return parser
 
@@ -64,7 +66,9 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
         logged = job.run()
         if job.mesh.is_main and logged:
             last = logged[-1]
-            print(f"longtrain: done: step {last['step']} loss {last['loss']:.4f}; outputs in {cfg.output_dir}")
+            print(
+                f"longtrain: done: step {last['step']} loss {last['loss']:.4f}; outputs in {cfg.output_dir}"
+            )
     finally:
         shutdown(job.mesh)
     return 0

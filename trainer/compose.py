@@ -33,7 +33,9 @@ def resolve_recipe(recipe: str) -> Path:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         if not path.is_file():
-            raise ConfigError(f"recipe file {recipe!r} does not exist; pass a recipe name or an existing YAML path")
+            raise ConfigError(
+                f"recipe file {recipe!r} does not exist; pass a recipe name or an existing YAML path"
+            )
         return path
     candidate = RECIPES_DIR / f"{recipe}.yaml"
     if not candidate.is_file():
@@ -102,7 +104,11 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _coerce_leaf(key: str, value: Any, hint: Any) -> Any:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    allowed = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
     if value is None:
         if type(None) in allowed:
             return None

@@ -90,10 +90,18 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.attention not in ATTENTION:
-            raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+            raise ConfigError(
+                f"model.attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"
+            )
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
             _positive_int(f"model.{key}", getattr(self, key))
-        for key in ("intermediate_size", "head_dim", "vocab_size", "max_position_embeddings", "sliding_window"):
+        for key in (
+            "intermediate_size",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+            "sliding_window",
+        ):
             _positive_int(f"model.{key}", getattr(self, key), allow_none=True)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(

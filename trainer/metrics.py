@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 # Dense bf16 peak FLOP/s of common accelerators (vendor datasheets, without sparsity).
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+_GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -61,8 +68,17 @@ def model_flops_per_token(num_params: int, num_layers: int, hidden_q: int, mean_
 class MetricsWriter:
     """Fans a metrics dict out to metrics.jsonl, a tqdm bar and (optionally) wandb; rank 0 only."""
 
-    def __init__(self, output_dir: str, *, enabled: bool, progress: bool, total_steps: int, start_step: int,
-                 wandb_cfg: dict[str, Any] | None, config: dict[str, Any]):
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        enabled: bool,
+        progress: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_cfg: dict[str, Any] | None,
+        config: dict[str, Any],
+    ):
         self.enabled = enabled
         self.bar = None
         self.wandb_run = None
@@ -74,13 +90,25 @@ class MetricsWriter:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         if wandb_cfg is not None:
             import wandb
 
-            self.wandb_run = wandb.init(project=wandb_cfg["project"], name=wandb_cfg.get("name"), config=config,
-                                        dir=str(out), resume="allow", id=wandb_cfg.get("id"))
+            self.wandb_run = wandb.init(
+                project=wandb_cfg["project"],
+                name=wandb_cfg.get("name"),
+                config=config,
+                dir=str(out),
+                resume="allow",
+                id=wandb_cfg.get("id"),
+            )
 
     def step_done(self) -> None:
         if self.bar is not None:
@@ -91,11 +119,18 @@ class MetricsWriter:
             return
         self.jsonl.write(json.dumps(metrics) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                 mem=f"{metrics['mem_peak_bytes'] / 2**20:.0f}MiB", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                mem=f"{metrics['mem_peak_bytes'] / 2**20:.0f}MiB",
+                refresh=False,
+            )
         else:
-            print(f"step {metrics['step']} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"tok/s {metrics['tokens_per_s']:.0f} mem {metrics['mem_peak_bytes'] / 2**20:.0f}MiB", flush=True)
+            print(
+                f"step {metrics['step']} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                f"tok/s {metrics['tokens_per_s']:.0f} mem {metrics['mem_peak_bytes'] / 2**20:.0f}MiB",
+                flush=True,
+            )
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=metrics["step"])
 

@@ -31,7 +31,9 @@ def _meta_model(cfg: JobConfig, vocab_size: int):
 def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     """A few lines: parameters, model-state bytes, activation bytes per micro-batch."""
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {cfg.model.path!r} has no config.json; point it at a local HF model directory")
+        raise FileNotFoundError(
+            f"model.path {cfg.model.path!r} has no config.json; point it at a local HF model directory"
+        )
     model = _meta_model(cfg, cfg.model.vocab_size or vocab_size)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -43,10 +45,12 @@ def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     per_token_layer = 10 * c.hidden_size + 4 * c.num_key_value_heads * head_dim + 3 * c.intermediate_size
     act_bytes = per_token_layer * tokens * c.num_hidden_layers * (2 if cfg.train.dtype == "bfloat16" else 4)
     gib = 2**30
-    return "\n".join([
-        f"model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params / 1e6:.1f}M parameters",
-        f"model states (fp32 weights, grads, AdamW): {state_bytes / gib:.2f} GiB per data-parallel replica",
-        f"tokens per micro-batch: {tokens}; plain-autograd activations: {act_bytes / gib:.2f} GiB "
-        f"(activation.mode={cfg.activation.mode} reduces this)",
-        "dry run: config is valid",
-    ])
+    return "\n".join(
+        [
+            f"model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params / 1e6:.1f}M parameters",
+            f"model states (fp32 weights, grads, AdamW): {state_bytes / gib:.2f} GiB per data-parallel replica",
+            f"tokens per micro-batch: {tokens}; plain-autograd activations: {act_bytes / gib:.2f} GiB "
+            f"(activation.mode={cfg.activation.mode} reduces this)",
+            "dry run: config is valid",
+        ]
+    )

@@ -36,7 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader]:
-    return make_data(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
+    return make_data(
+        cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size
+    )
 
 
 def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
@@ -100,8 +102,12 @@ class Job:
         for mb in micro_batches:
             mb = mb.to(mesh.device, non_blocking=True)
             with self.autocast():
-                out = model(input_ids=mb.input_ids, labels=mb.labels, position_ids=mb.position_ids,
-                            loss_normalizer=max(num_tokens, 1))
+                out = model(
+                    input_ids=mb.input_ids,
+                    labels=mb.labels,
+                    position_ids=mb.position_ids,
+                    loss_normalizer=max(num_tokens, 1),
+                )
             out.loss.backward()
             loss_sum += out.loss_sum.item()
             flops += self._flops(mb)
@@ -125,7 +131,9 @@ class Job:
         spans = DocSpans.from_position_ids(mb.position_ids).spans
         mean_doc = sum((e - s) ** 2 for s, e in spans) / max(1, mb.input_ids.numel())
         cfg = self.model.config
-        hidden_q = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        hidden_q = cfg.num_attention_heads * getattr(
+            cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads
+        )
         per_token = model_flops_per_token(self._dense_params, cfg.num_hidden_layers, hidden_q, mean_doc)
         return per_token * mb.input_ids.numel()
 
@@ -137,15 +145,29 @@ class Job:
         """Train from ``start_step`` to ``train.steps``; returns the logged metric dicts."""
         cfg, mesh = self.cfg, self.mesh
         writer = MetricsWriter(
-            cfg.output_dir, enabled=mesh.is_main, progress=cfg.logging.progress, total_steps=cfg.train.steps,
+            cfg.output_dir,
+            enabled=mesh.is_main,
+            progress=cfg.logging.progress,
+            total_steps=cfg.train.steps,
             start_step=self.start_step,
-            wandb_cfg={"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_run_name,
-                       "id": Path(cfg.output_dir).resolve().name} if cfg.logging.wandb else None,
+            wandb_cfg={
+                "project": cfg.logging.wandb_project,
+                "name": cfg.logging.wandb_run_name,
+                "id": Path(cfg.output_dir).resolve().name,
+            }
+            if cfg.logging.wandb
+            else None,
             config=dataclasses.asdict(cfg),
         )
         peak = cfg.logging.peak_flops or detect_peak_flops(mesh.device, DTYPES[cfg.train.dtype])
         logged: list[dict[str, Any]] = []
-        total_tokens = self.start_step * cfg.train.grad_accum * self.loader.micro_batch_size * cfg.train.seq_len * mesh.dp_size
+        total_tokens = (
+            self.start_step
+            * cfg.train.grad_accum
+            * self.loader.micro_batch_size
+            * cfg.train.seq_len
+            * mesh.dp_size
+        )
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         try:
             for step in range(self.start_step + 1, cfg.train.steps + 1):
@@ -172,7 +194,9 @@ class Job:
                     logged.append(metrics)
                     window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if self.checkpointer.should_save(step, cfg.train.steps):
-                    self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, self.loader.state_dict())
+                    self.checkpointer.save(
+                        step, self.model, self.optimizer, self.scheduler, self.loader.state_dict()
+                    )
                     if mesh.distributed:
                         torch.distributed.barrier()
         finally:

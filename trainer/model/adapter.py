@@ -49,9 +49,19 @@ class LayerParts:
         attn, mlp = layer.self_attn, layer.mlp
         self.index = index
         self.input_norm = layer.input_layernorm
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+        )
         self.post_norm = layer.post_attention_layernorm
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+            mlp.act_fn,
+        )
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
         self.n_heads = self.q_proj.out_features // self.head_dim

@@ -61,10 +61,20 @@ class DocSpans:
 class AttentionBackend(Protocol):
     name: str
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, docs: DocSpans, scale: float) -> tuple[Tensor, Tensor]: ...
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, docs: DocSpans, scale: float
+    ) -> tuple[Tensor, Tensor]: ...
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, docs: DocSpans, scale: float
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        docs: DocSpans,
+        scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
@@ -167,8 +177,15 @@ class CpuFlashAttention(_PerDocBackend):
 
     def doc_backward(self, dout, q, k, v, out, lse, scale):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dout).contiguous(), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(0).contiguous(),
-            0.0, True, scale=scale,
+            _bhsd(dout).contiguous(),
+            _bhsd(q),
+            _bhsd(k),
+            _bhsd(v),
+            _bhsd(out),
+            lse.unsqueeze(0).contiguous(),
+            0.0,
+            True,
+            scale=scale,
         )
         return _tnd(dq), _tnd(dk), _tnd(dv)
 
@@ -252,7 +269,9 @@ def build_attention_backend(name: str, device: torch.device | str) -> AttentionB
         try:
             return FlashAttnVarlen()
         except ImportError as e:
-            raise ValueError("model.attention=flash_attn needs the flash-attn package on CUDA; use auto or sdpa") from e
+            raise ValueError(
+                "model.attention=flash_attn needs the flash-attn package on CUDA; use auto or sdpa"
+            ) from e
     raise ValueError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
@@ -273,7 +292,12 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 def attention(
-    q_tnd: Tensor, k_tkd: Tensor, v_tkd: Tensor, docs: DocSpans, backend: AttentionBackend, scale: float | None = None
+    q_tnd: Tensor,
+    k_tkd: Tensor,
+    v_tkd: Tensor,
+    docs: DocSpans,
+    backend: AttentionBackend,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable per-document causal attention: returns (out [t, n, d], lse [n, t] float32)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q_tnd.shape[-1])

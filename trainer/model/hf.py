@@ -61,7 +61,9 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"model.path {str(path)!r} has no config.json; point model.path at a local HF model directory")
+        raise FileNotFoundError(
+            f"model.path {str(path)!r} has no config.json; point model.path at a local HF model directory"
+        )
     family = json.loads(config_file.read_text()).get("model_type")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(
@@ -72,7 +74,9 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
 
 
-def build_hf_model(cfg: Any, *, vocab_size: int, seq_len: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_hf_model(
+    cfg: Any, *, vocab_size: int, seq_len: int, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """``cfg.path`` set: load it; otherwise a randomly initialised model of ``cfg.family`` (seed first)."""
     if cfg.path:
         return load_hf_model(cfg.path, dtype)
