@@ -50,8 +50,9 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
         if dry_run:
             from .plan import dry_run_report
 
+            report = dry_run_report(cfg)  # may raise a user error: print nothing before it
             print(to_yaml(cfg))
-            print(dry_run_report(cfg))
+            print(report)
             return 0
         job = prepare(cfg)
     except USER_ERRORS as e:
@@ -94,7 +95,14 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow options (`train tiny_cpu --nproc 2 train.steps=3`): argparse leaves
+    # positionals that come after an option unparsed, so they are appended to the overrides here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command == "recipes":
         print("\n".join(available_recipes()))
         return 0

@@ -72,6 +72,7 @@ def build_checkpointer(cfg: JobConfig, mesh: Mesh) -> SyncCheckpointer:
 class StepResult:
     loss: float
     grad_norm: float
+    lr: float  # the learning rate this step's update used
     num_tokens: int  # loss tokens over all ranks and micro-batches
     seen_tokens: int  # all input positions over all ranks (padding included)
     model_flops: float  # over all ranks
@@ -115,6 +116,7 @@ class Job:
         params = [p for p in model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        lr = self.optimizer.param_groups[0]["lr"]  # before scheduler.step() moves it to the next step's
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -122,6 +124,7 @@ class Job:
         return StepResult(
             loss=all_reduce_sum(loss_sum, mesh) / max(num_tokens, 1),
             grad_norm=grad_norm,
+            lr=lr,
             num_tokens=int(num_tokens),
             seen_tokens=int(seen * mesh.dp_size),
             model_flops=flops * mesh.dp_size,
@@ -181,7 +184,7 @@ class Job:
                     metrics = {
                         "step": step,
                         "loss": result.loss,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": result.lr,
                         "grad_norm": result.grad_norm,
                         "tokens": total_tokens,
                         "loss_tokens": result.num_tokens,

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from longtrain.trainer.data import (
     IGNORE_INDEX,
     DataConfig,

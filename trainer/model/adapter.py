@@ -35,7 +35,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x_tnd: Tensor, cos_td: Tensor, sin_td: Tensor) -> Tensor:
-    cos, sin = cos_td[:, None, :], sin_td[:, None, :]
+    # Under bf16 autocast the tables are float32 (made from the float32 residual stream) while the
+    # projections are bf16: rotate in the projections' dtype so q, k and v keep one dtype.
+    cos, sin = cos_td[:, None, :].to(x_tnd.dtype), sin_td[:, None, :].to(x_tnd.dtype)
     return x_tnd * cos + _rotate_half(x_tnd) * sin
 
 

@@ -225,7 +225,11 @@ class SdpaAttention(_PerDocBackend):
 
 
 class FlashAttnVarlen:
-    """flash-attn's varlen kernels (CUDA only; used when the package is installed)."""
+    """flash-attn's varlen kernels (CUDA only; used when the package is installed).
+
+    Written against flash-attn >= 2.6's private forward/backward entry points, called with
+    keyword arguments. Not exercised on our CPU machines: the GPU test (marked ``gpu``) covers it.
+    """
 
     name = "flash_attn"
 
@@ -234,15 +238,42 @@ class FlashAttnVarlen:
 
         self._fwd, self._bwd = _flash_attn_varlen_forward, _flash_attn_varlen_backward
 
+    def _common(self, docs: DocSpans, device, scale: float) -> dict:
+        cu = docs.tensor(device)
+        return dict(
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=docs.max_len,
+            max_seqlen_k=docs.max_len,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=True,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+        )
+
     def forward(self, q, k, v, docs, scale):
-        cu = docs.tensor(q.device)
-        out, lse, *_ = self._fwd(q, k, v, cu, cu, docs.max_len, docs.max_len, 0.0, scale, causal=True)
+        out, lse, *_ = self._fwd(q, k, v, return_softmax=False, **self._common(docs, q.device, scale))
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, docs, scale):
-        cu = docs.tensor(q.device)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self._bwd(dout, q, k, v, out, lse, dq, dk, dv, cu, cu, docs.max_len, docs.max_len, 0.0, scale, True)
+        self._bwd(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dq,
+            dk,
+            dv,
+            deterministic=False,
+            rng_state=None,
+            **self._common(docs, q.device, scale),
+        )
         return dq, dk, dv
 
 
