@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +61,15 @@ def is_complete(path: Path) -> bool:
     )
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
 def list_complete(root: Path) -> list[Path]:
+    """Complete ``step-N`` directories, oldest first (``step-N.tmp``, ``step-N.old``... are ignored)."""
     if not root.is_dir():
         return []
-    steps = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and is_complete(p)]
-    return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
+    steps = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and is_complete(p)]
+    return sorted(steps, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
 
 
 @dataclass
@@ -78,6 +83,7 @@ class SyncCheckpointer:
     """Saves on rank 0 (data-parallel replicas hold identical states); every rank loads."""
 
     def __init__(self, cfg: CheckpointConfig, output_dir: str, is_main: bool, model_config: dict[str, Any]):
+        """``model_config``: the architecture (HF config fields) a checkpoint must match to be loaded."""
         self.cfg = cfg
         self.root = Path(cfg.dir or Path(output_dir) / "checkpoints")
         self.is_main = is_main
@@ -113,6 +119,7 @@ class SyncCheckpointer:
         _fsync(tmp / MANIFEST)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        _fsync(self.root)  # make the rename itself durable
         self._prune()
         return final
 
@@ -157,7 +164,7 @@ class SyncCheckpointer:
                 f"checkpoint {str(path)!r} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                 "use a new output_dir or checkpoint.resume=never"
             )
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         torch.set_rng_state(torch.tensor(state["rng_cpu"], dtype=torch.uint8))

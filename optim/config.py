@@ -41,5 +41,11 @@ class OptimConfig:
             or self.warmup_steps < 0
         ):
             raise ValueError(f"optim.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if (
+            len(self.betas) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in self.betas)
+            or not all(0.0 <= b < 1.0 for b in self.betas)
+        ):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)!r}")

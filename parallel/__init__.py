@@ -5,6 +5,14 @@ satisfy the adapter's interface, injected by the trainer.
 """
 
 from .config import ParallelConfig
-from .mesh import Mesh, all_reduce_sum, init_mesh, shutdown, sync_gradients
+from .mesh import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
 
-__all__ = ["Mesh", "ParallelConfig", "all_reduce_sum", "init_mesh", "shutdown", "sync_gradients"]
+__all__ = [
+    "Mesh",
+    "ParallelConfig",
+    "all_reduce_sum",
+    "broadcast_object",
+    "init_mesh",
+    "shutdown",
+    "sync_gradients",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,26 +68,46 @@ def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
     return t.item()
 
 
-def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
+def broadcast_object(obj: Any, mesh: Mesh, src: int = 0) -> Any:
+    """Rank ``src``'s Python object on every rank (decisions only one rank may take)."""
+    if not mesh.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def sync_gradients(model: nn.Module, mesh: Mesh, bucket_bytes: int = 25 * 2**20) -> None:
     """Sum gradients over data-parallel ranks.
 
     Each rank's loss is its token-loss sum divided by the *global* token count, so the sum of the
     ranks' gradients is the gradient of the global mean: ranks may hold different token counts.
-    Gradients are flattened per dtype into one buffer to make one collective per dtype.
+    Gradients are flattened into ~25 MiB buckets: few collectives, bounded extra memory.
     """
     if not mesh.distributed:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for group in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
+    for bucket in _buckets(grads, bucket_bytes):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
         offset = 0
-        for g in group:
+        for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive same-dtype gradients, about ``bucket_bytes`` per bucket (bounded extra memory)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or buckets[-1][0].dtype != g.dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
 
 
 def shutdown(mesh: Mesh) -> None:

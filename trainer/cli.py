@@ -23,7 +23,8 @@ USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
 
 def _fail(message: str) -> int:
-    print(f"longtrain: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(f"longtrain: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -88,8 +89,14 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         torchrun.main(args)
-    except Exception as e:  # ChildFailedError: each rank already printed its own error
-        print(f"longtrain: error: a training process failed ({type(e).__name__})", file=sys.stderr)
+    except Exception as e:  # ChildFailedError: rank 0 already printed the error
+        codes = {f.exitcode for f in getattr(e, "failures", {}).values()}
+        if codes == {2}:
+            return 2  # a user error, reported in one line by rank 0
+        print(
+            f"longtrain: error: a training process failed ({type(e).__name__}); see its output above",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -92,6 +92,8 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             continue
         key, value, hint = f"{prefix}{f.name}", values[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section (keys {key}.*), got {value!r}")
             kwargs[f.name] = _coerce(hint, value, f"{key}.")
         else:
             kwargs[f.name] = _coerce_leaf(key, value, hint)
@@ -137,6 +139,13 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConf
     except (OmegaConfBaseException, OSError, ValueError) as e:
         raise ConfigError(f"cannot read recipe {str(path)!r}: {str(e).splitlines()[0]}") from None
     recipe_dict = OmegaConf.to_container(recipe_cfg, resolve=False) or {}
+    if not isinstance(recipe_dict, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of config keys")
+    if any(d != "_self_" for d in recipe_dict.get("defaults", None) or []):
+        raise ConfigError(
+            f"recipe {str(path)!r} has a Hydra defaults list, which longtrain does not compose; "
+            "put all keys in one file (overrides go on the command line)"
+        )
     _check_keys(recipe_dict, schema)
     recipe_dict.pop("defaults", None)
 

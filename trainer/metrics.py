@@ -65,6 +65,18 @@ def model_flops_per_token(num_params: int, num_layers: int, hidden_q: int, mean_
     return 6.0 * num_params + 6.0 * num_layers * hidden_q * mean_doc_len
 
 
+def _drop_steps_after(path: Path, step: int) -> None:
+    """A resumed run re-runs the steps after its checkpoint: drop their old lines so each step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
 class MetricsWriter:
     """Fans a metrics dict out to metrics.jsonl, a tqdm bar and (optionally) wandb; rank 0 only."""
 
@@ -86,6 +98,7 @@ class MetricsWriter:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        _drop_steps_after(out / "metrics.jsonl", start_step)
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         if progress:
             from tqdm import tqdm

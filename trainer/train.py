@@ -11,22 +11,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longtrain.checkpoint import SyncCheckpointer
+from longtrain.checkpoint import CheckpointError, SyncCheckpointer
 from longtrain.offload import apply_activation_memory
 from longtrain.optim import build_optimizer as make_optimizer
 from longtrain.optim import build_scheduler
-from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, shutdown, sync_gradients
+from longtrain.parallel import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
 from longtrain.trainer.data import MicroBatch, PackedLoader, Tokenizer
 from longtrain.trainer.data import build_data as make_data
 
 from .compose import to_yaml
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, peak_memory_bytes
 from .model.adapter import CausalLM, adapt
 from .model.attention import DocSpans
@@ -53,6 +54,12 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
             "raise model.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
     model = adapt(hf_model.to(mesh.device), cfg.model.attention)
+    if model.sliding_window is not None and model.sliding_window < cfg.train.seq_len:
+        raise ConfigError(
+            f"the model uses sliding-window attention (window {model.sliding_window}) and train.seq_len="
+            f"{cfg.train.seq_len} is longer; sliding windows are not supported: lower train.seq_len to "
+            f"{model.sliding_window}"
+        )
     activation = cfg.activation
     if activation.file_dir is None:
         activation = dataclasses.replace(activation, file_dir=str(Path(cfg.output_dir) / "activation_swap"))
@@ -64,8 +71,24 @@ def build_optimizer(cfg: JobConfig, model: CausalLM):
     return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
 
-def build_checkpointer(cfg: JobConfig, mesh: Mesh) -> SyncCheckpointer:
-    return SyncCheckpointer(cfg.checkpoint, cfg.output_dir, mesh.is_main, dataclasses.asdict(cfg.model))
+def architecture(model: CausalLM) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded (not run options such as model.attention)."""
+    c = model.config
+    return {
+        "family": c.model_type,
+        "hidden_size": c.hidden_size,
+        "num_layers": c.num_hidden_layers,
+        "num_heads": c.num_attention_heads,
+        "num_kv_heads": c.num_key_value_heads,
+        "intermediate_size": c.intermediate_size,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "vocab_size": c.vocab_size,
+        "tie_embeddings": bool(c.tie_word_embeddings),
+    }
+
+
+def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> SyncCheckpointer:
+    return SyncCheckpointer(cfg.checkpoint, cfg.output_dir, mesh.is_main, architecture(model))
 
 
 @dataclass
@@ -152,11 +175,11 @@ class Job:
             enabled=mesh.is_main,
             progress=cfg.logging.progress,
             total_steps=cfg.train.steps,
-            start_step=self.start_step,
+            start_step=self.start_step,  # lines of steps after it (re-run after a crash) are dropped
             wandb_cfg={
                 "project": cfg.logging.wandb_project,
                 "name": cfg.logging.wandb_run_name,
-                "id": Path(cfg.output_dir).resolve().name,
+                "id": wandb_run_id(cfg.output_dir),
             }
             if cfg.logging.wandb
             else None,
@@ -207,15 +230,30 @@ class Job:
         return logged
 
 
+def wandb_run_id(output_dir: str) -> str:
+    """One wandb run per output_dir: its id is made once and kept there, so a resume continues it."""
+    path = Path(output_dir) / "wandb_run_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex[:16])
+    return path.read_text().strip()
+
+
 def prepare(cfg: JobConfig) -> Job:
     """Everything before the first step: mesh, data, model, optimizer, checkpoint resume."""
     mesh = init_mesh(cfg.parallel, cfg.train.device)
     tokenizer, loader = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
     optimizer, scheduler = build_optimizer(cfg, model)
-    checkpointer = build_checkpointer(cfg, mesh)
+    checkpointer = build_checkpointer(cfg, mesh, model)
     start_step = 0
-    resume_from = checkpointer.find_resume()
+    # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.
+    resume_from = broadcast_object(checkpointer.find_resume() if mesh.is_main else None, mesh)
+    if resume_from is not None and not (resume_from / "manifest.json").is_file():
+        raise CheckpointError(
+            f"rank {mesh.rank} cannot read checkpoint {str(resume_from)!r} that rank 0 resumes from; "
+            "put checkpoint.dir on a filesystem shared by all ranks"
+        )
     if resume_from is not None:
         restored = checkpointer.load(resume_from, model, optimizer, scheduler)
         loader.load_state_dict(restored.data_state)

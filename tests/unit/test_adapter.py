@@ -339,6 +339,8 @@ def test_to_hf_and_state_dict_keys(make_tiny_model):
 
 
 def test_auto_backend_on_cpu_is_cpu_flash():
-    assert build_attention_backend("auto", "cpu").name == "cpu_flash"
+    auto = build_attention_backend("auto", "cpu")
+    q = torch.zeros(4, 2, 8)
+    assert auto.name == "auto" and auto.pick(q).name == "cpu_flash"
     with pytest.raises(ValueError, match="model.attention"):
         build_attention_backend("nope", "cpu")

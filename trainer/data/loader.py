@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from longtrain.trainer.data.packing import IGNORE_INDEX, PackedRows
 
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import datasets
+
 from longtrain.trainer.data.bundled import bundled_documents
 from longtrain.trainer.data.config import DataConfig
 

@@ -193,24 +193,25 @@ class CpuFlashAttention(_PerDocBackend):
 class SdpaAttention(_PerDocBackend):
     """``F.scaled_dot_product_attention`` for the output; the lse from blocked score rows.
 
-    SDPA does not return the logsumexp, so it is computed in query blocks of ``block`` rows
-    (memory O(block * L)). The backward rebuilds the output graph with SDPA (the fused kernel
+    SDPA does not return the logsumexp, so it is computed in query blocks sized to keep one block
+    of scores under ``score_budget_bytes``: a cross-check backend, slower than the flash kernels. The backward rebuilds the output graph with SDPA (the fused kernel
     recomputes its own scores, as flash backward does) and takes its vector-Jacobian product.
     """
 
     name = "sdpa"
-    block = 1024
+    score_budget_bytes = 256 * 2**20  # cap on one block of scores [n, rows, L]
 
     def _lse(self, q, k, scale):
-        L = q.shape[0]
-        lse = torch.empty(q.shape[1], L, dtype=_lse_dtype(q), device=q.device)
-        for i0 in range(0, L, self.block):
-            i1 = min(L, i0 + self.block)
-            dt = _lse_dtype(q)
+        L, n = q.shape[0], q.shape[1]
+        dt = _lse_dtype(q)
+        lse = torch.empty(n, L, dtype=dt, device=q.device)
+        block = max(1, self.score_budget_bytes // (n * max(L, 1) * torch.finfo(dt).bits // 8 * 2))
+        for i0 in range(0, L, block):
+            i1 = min(L, i0 + block)
             scores = torch.einsum("ind,jnd->nij", q[i0:i1].to(dt), k[:i1].to(dt)) * scale
             rows = torch.arange(i0, i1, device=q.device)[:, None]
             cols = torch.arange(i1, device=q.device)[None, :]
-            lse[:, i0:i1] = torch.logsumexp(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
+            lse[:, i0:i1] = torch.logsumexp(scores.masked_fill_(cols > rows, float("-inf")), dim=-1)
         return lse
 
     def doc_forward(self, q, k, v, scale):
@@ -280,16 +281,38 @@ class FlashAttnVarlen:
 BACKENDS = ("auto", "cpu_flash", "sdpa", "flash_attn", "reference")
 
 
-def build_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """Pick an attention core by name; ``auto`` = flash-attn on CUDA if installed, else SDPA; CPU flash on CPU."""
-    device = torch.device(device)
+class AutoAttention:
+    """Picks a kernel per call from the inputs: flash-attn for fp16/bf16 on CUDA when installed,
+    SDPA on CUDA otherwise, the CPU flash kernel on CPU. Forward and backward see the same inputs'
+    device and dtype, so both always use the same kernel."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        self._cpu, self._sdpa, self._flash = CpuFlashAttention(), SdpaAttention(), None
+        try:
+            self._flash = FlashAttnVarlen()
+        except ImportError:
+            pass
+
+    def pick(self, q: Tensor) -> AttentionBackend:
+        if not q.is_cuda:
+            return self._cpu
+        if self._flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+            return self._flash
+        return self._sdpa
+
+    def forward(self, q, k, v, docs, scale):
+        return self.pick(q).forward(q, k, v, docs, scale)
+
+    def backward(self, dout, q, k, v, out, lse, docs, scale):
+        return self.pick(q).backward(dout, q, k, v, out, lse, docs, scale)
+
+
+def build_attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+    """Pick an attention core by name (``auto``: see ``AutoAttention``)."""
     if name == "auto":
-        if device.type == "cuda":
-            try:
-                return FlashAttnVarlen()
-            except ImportError:
-                return SdpaAttention()
-        return CpuFlashAttention()
+        return AutoAttention()
     if name == "cpu_flash":
         return CpuFlashAttention()
     if name == "sdpa":
