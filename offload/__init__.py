@@ -43,6 +43,9 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
     a plain HF model; the adapted model shares its parameters) and return the model."""
     cfg = _as_config(cfg)
     model = adapt(model)
+    previous = getattr(model, "layer_executor", None)
+    if hasattr(previous, "close"):  # its copy threads and file-tier file
+        previous.close()
     if cfg.mode == "none":
         model.layer_executor = PlainExecutor()
     elif cfg.mode == "recompute":

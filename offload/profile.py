@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import psutil
@@ -93,6 +94,9 @@ def resolve_alpha(
     alpha = tokenwise_alpha(
         int(whole_pt * t), int(rows_pt * t), layer_s, bandwidth, n_offloaded, default_budget(cfg)
     )
+    # The executor offloads round(alpha * t) rows; rounding up could overrun the budget (and the copy
+    # time) by half a row per layer, so cut at a whole row count.
+    alpha = math.floor(alpha * t) / t
     executor.profile = {
         "layer_forward_s": layer_s,
         "copy_bytes_per_s": bandwidth,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -73,8 +74,10 @@ class FileStore:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"activations-{os.getpid()}.bin"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A fresh file per store: two stores of one process in one directory (two models, or a
+        # re-applied executor) must never write into each other's regions.
+        self._fd, name = tempfile.mkstemp(prefix=f"activations-{os.getpid()}-", suffix=".bin", dir=self.dir)
+        self.path = Path(name)
         self._regions: dict[tuple, tuple[int, torch.Size, torch.dtype]] = {}
         self._end = 0
         self._live: set[tuple] = set()

@@ -45,10 +45,11 @@ def _view_key(t: Tensor) -> tuple:
 
 
 def _is_param_like(t: Tensor, param_storages: set[int]) -> bool:
-    """A parameter, or an autocast cast of one (ToCopyBackward straight from an AccumulateGrad)."""
+    """A parameter, or an autocast cast of one (ToCopyBackward straight from an AccumulateGrad), or a
+    view of such a cast (under autocast ``linear`` saves ``weight_cast.t()``, a TBackward0 view)."""
     if _storage_key(t) in param_storages:
         return True
-    fn = t.grad_fn
+    fn = (t._base if t._base is not None else t).grad_fn
     if fn is not None and type(fn).__name__ == "ToCopyBackward0":
         nxt = fn.next_functions
         if len(nxt) == 1 and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad":
@@ -87,6 +88,7 @@ class _Slot:
 class _Whole:
     key: tuple
     base_offset: int
+    requires_grad: bool  # as in forward: the rerun must save what the forward saved (frozen embeddings)
     copy: Copy | None = None
     value: Tensor | None = None
 
@@ -130,6 +132,9 @@ class TokenwiseExecutor:
         self._stats: dict[str, Any] = {}
         self._device_bytes = 0
         self._device_peak = 0
+        self._store_bytes = 0  # bytes submitted to the store this step (its size once the copies land)
+        self._kept_refs: dict[int, int] = {}  # kept layers: saved storage -> packs not yet unpacked
+        self._kept_shared: set[int] = set()  # RoPE tables of this step (shared by all layers)
         self._alpha_t = -1
 
     # ---------------------------------------------------------------- accounting
@@ -167,6 +172,7 @@ class TokenwiseExecutor:
         if self.alpha_resolver is not None and (self.alpha == "auto" or self._alpha_t != t):
             self.alpha, self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
         a = int(round(self.alpha * t))
+        self._kept_shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
         for parts in layers:
             if parts.index < n_offloaded:
                 self._wait_offloads(parts.index - 2)  # layer i reuses layer i-2's buffer
@@ -174,7 +180,9 @@ class TokenwiseExecutor:
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
                     x_th = run_layer(parts, x_th, ctx)
-        store_bytes = self.engine.store.nbytes() if self.records else 0
+        # Counted at submission: the copy threads may still be filling the store here, so reading
+        # store.nbytes() would race with the last offloaded layers' copies.
+        store_bytes = self._store_bytes
         tier_key = "file_bytes" if self.engine.store.tier == "file" else "host_bytes"
         self._stats = {
             "host_bytes": 0,
@@ -189,14 +197,28 @@ class TokenwiseExecutor:
             self._prefetch(n_offloaded - 1)
         return x_th
 
-    def _pack_kept(self, tensor: Tensor) -> tuple[Tensor, int]:
-        n = 0 if _is_param_like(tensor, self.param_storages) else _nbytes(tensor)
-        self._device_add(n)
-        return tensor, n
+    def _pack_kept(self, tensor: Tensor) -> tuple[Tensor, int | None]:
+        """Kept layers: count each saved storage once (a tensor saved by several ops, e.g. the norm
+        output read by q, k and v, is held once); parameters and the RoPE tables are resident anyway."""
+        key = _storage_key(tensor)
+        if key in self._kept_shared or _is_param_like(tensor, self.param_storages):
+            return tensor, None
+        if key not in self._kept_refs:
+            self._device_add(tensor.untyped_storage().nbytes())
+        self._kept_refs[key] = self._kept_refs.get(key, 0) + 1
+        # detached: a tensor saved by the node that produced it (rsqrt saves its output) would
+        # otherwise hold its own grad_fn, a cycle through C++ that the garbage collector cannot see,
+        # so a graph dropped without backward would never be freed (nor this step's records).
+        return tensor.detach(), key
 
-    def _unpack_kept(self, packed: tuple[Tensor, int]) -> Tensor:
-        self._device_sub(packed[1])
-        return packed[0]
+    def _unpack_kept(self, packed: tuple[Tensor, int | None]) -> Tensor:
+        tensor, key = packed
+        if key is not None and key in self._kept_refs:
+            self._kept_refs[key] -= 1
+            if self._kept_refs[key] == 0:
+                del self._kept_refs[key]
+                self._device_sub(tensor.untyped_storage().nbytes())
+        return tensor
 
     def _forward_offloaded(
         self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, t: int, a: int
@@ -231,8 +253,9 @@ class TokenwiseExecutor:
     def _add_whole(self, rec: _LayerRecord, tensor: Tensor) -> int:
         idx = len(rec.wholes)
         key = (rec.index, "whole", idx)
-        whole = _Whole(key=key, base_offset=tensor.storage_offset())
+        whole = _Whole(key=key, base_offset=tensor.storage_offset(), requires_grad=tensor.requires_grad)
         whole.copy = self.engine.offload(key, tensor.detach(), rec.index)
+        self._store_bytes += _nbytes(tensor)
         rec.staged_bytes += _nbytes(tensor)
         self._device_add(_nbytes(tensor))
         rec.wholes.append(whole)
@@ -280,12 +303,13 @@ class TokenwiseExecutor:
                 self.engine.offload((rec.index, "rows", row), head, rec.index) if rec.a else None
             )
             if rec.a:  # the original stays referenced until its head rows are copied
+                self._store_bytes += _nbytes(head)
                 rec.staged_bytes += _nbytes(tensor)
                 self._device_add(_nbytes(tensor))
             return _Slot("rows", row=row)
         rec.resident_bytes += _nbytes(tensor)
         self._device_add(_nbytes(tensor))
-        return _Slot("keep", tensor=tensor)
+        return _Slot("keep", tensor=tensor.detach())  # detached: see _pack_kept
 
     def _wait_offloads(self, index: int) -> None:
         rec = self.records.get(index)
@@ -402,8 +426,8 @@ class TokenwiseExecutor:
         enabled, dtype, dev = rec.autocast
         autocast = torch.autocast(dev, dtype=dtype) if enabled else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
-            x_in = x_tail.detach().requires_grad_(x_tail.is_floating_point())
-            o_in = out_tail.detach().requires_grad_(out_tail.is_floating_point())
+            x_in = x_tail.detach().requires_grad_(rec.wholes[0].requires_grad)
+            o_in = out_tail.detach().requires_grad_(rec.wholes[1].requires_grad)
             with torch.autograd.graph.saved_tensors_hooks(capture("pre"), lambda p: p):
                 q, k, v = parts.pre_attention(x_in, cos, sin)
             with torch.autograd.graph.saved_tensors_hooks(capture("post"), lambda p: p):
@@ -440,8 +464,13 @@ class TokenwiseExecutor:
         self.engine.timer.reset()
         self._device_bytes = 0
         self._device_peak = 0
+        self._store_bytes = 0
+        self._kept_refs = {}
 
     def close(self) -> None:
-        self._release_step()
+        """Finish pending copies, stop the copy threads, delete the file tier's file."""
+        for index in list(self.records):
+            self._wait_offloads(index)
+        self.records.clear()
         self.engine.close()
         self.engine.store.close()

@@ -58,8 +58,6 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
         job = prepare(cfg)
     except USER_ERRORS as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    from longtrain.parallel import shutdown
-
     try:
         if job.start_step >= cfg.train.steps:
             if job.mesh.is_main:
@@ -72,7 +70,7 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
                 f"longtrain: done: step {last['step']} loss {last['loss']:.4f}; outputs in {cfg.output_dir}"
             )
     finally:
-        shutdown(job.mesh)
+        job.close()
     return 0
 
 

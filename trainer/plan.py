@@ -52,13 +52,13 @@ def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
             f"tokens per micro-batch: {tokens}; plain-autograd activations: {act_bytes / gib:.2f} GiB "
             f"(activation.mode={cfg.activation.mode} reduces this)",
             *(
-            [
-                f"warning: model states alone ({state_bytes / gib:.0f} GiB) exceed one 80 GiB GPU; this job needs "
-                "optimizer-state offload or sharding, which longtrain does not provide yet (planned: optim/)"
-            ]
-            if state_bytes > 80 * gib
-            else []
-        ),
-        "dry run: config is valid",
+                [
+                    f"warning: model states alone ({state_bytes / gib:.0f} GiB) exceed one 80 GiB GPU; this job needs "
+                    "optimizer-state offload or sharding, which longtrain does not provide yet (planned: optim/)"
+                ]
+                if state_bytes > 80 * gib
+                else []
+            ),
+            "dry run: config is valid",
         ]
     )

@@ -167,6 +167,13 @@ class Job:
     def _dense_params(self) -> int:
         return sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
 
+    def close(self) -> None:
+        """Release the activation executor's threads and files, and leave the process group."""
+        close = getattr(self.model.layer_executor, "close", None)
+        if callable(close):
+            close()
+        shutdown(self.mesh)
+
     def run(self) -> list[dict[str, Any]]:
         """Train from ``start_step`` to ``train.steps``; returns the logged metric dicts."""
         cfg, mesh = self.cfg, self.mesh
@@ -272,4 +279,4 @@ def train(cfg: JobConfig) -> list[dict[str, Any]]:
     try:
         return job.run()
     finally:
-        shutdown(job.mesh)
+        job.close()

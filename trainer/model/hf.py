@@ -13,6 +13,8 @@ from .adapter import SUPPORTED_FAMILIES
 
 
 def _hf_classes(family: str) -> tuple[type, type]:
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model.family must be one of {', '.join(SUPPORTED_FAMILIES)}, got {family!r}")
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,

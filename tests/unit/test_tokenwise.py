@@ -1,0 +1,533 @@
+"""Token-wise swap/recompute (MEMO): what goes to the host tier, what stays on the device, what is
+recomputed, and how it fails. Gradient equality with the plain model is in test_activation_modes.py.
+
+Oracles:
+* bytes: ``skeletal_bytes_per_token`` below, derived by hand from what HF's modules save for
+  backward; it also predicts the plain model's saved bytes, counted with saved_tensors_hooks;
+* device bytes: a bound from the schedule (kept layers + two offloaded layers in flight + one
+  rebuilt layer), next to the plain model's saved bytes;
+* recompute: ``FlopCounterMode``; the extra FLOPs of tokenwise over plain are exactly the matmuls
+  of the row-wise parts of each offloaded layer on its t - a dropped rows, and zero attention;
+* the file tier: the host tier's gradients; injected short reads/writes and a truncated file
+  raise (never silently wrong gradients).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from longtrain.offload import activation_stats, apply_activation_memory, cost, profile, store
+from longtrain.trainer.model.adapter import LayerContext, adapt, run_layer
+from longtrain.trainer.model.attention import DocSpans
+from longtrain.trainer.model.hf import build_hf_model
+
+VOCAB = 101
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on 2 cores OpenMP's spinning threads
+    fight the executor's copy threads and any concurrent process (measured: 5x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(family="llama", dtype=torch.float64, *, layers=4, hidden=64, heads=4, kv_heads=2,
+               ffn=None, head_dim=None, backend="cpu_flash"):  # fmt: skip
+    cfg = SimpleNamespace(
+        family=family, path=None, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, intermediate_size=ffn, head_dim=head_dim, vocab_size=VOCAB,
+        max_position_embeddings=None, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False,
+        sliding_window=None, init_std=0.02,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = build_hf_model(cfg, vocab_size=VOCAB, seq_len=64, dtype=dtype)
+    with torch.no_grad():  # non-trivial biases and norm weights (HF: 0 and 1)
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return adapt(hf, backend)
+
+
+def dims(model):
+    parts = model.layer_parts[0]
+    return dict(
+        h=model.config.hidden_size,
+        n_heads=parts.n_heads,
+        n_kv=parts.n_kv_heads,
+        head_dim=parts.head_dim,
+        ffn=parts.gate_proj.out_features,
+        dtype=parts.q_proj.weight.dtype,
+    )
+
+
+def ids_of(t, b=1, seed=1):
+    return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def tokenwise(alpha, keep_last=1, **kw):
+    return {"mode": "tokenwise", "alpha": alpha, "keep_last": keep_last, **kw}
+
+
+def forward_backward(model, ids, activation=None, position_ids=None):
+    """(loss, grads, stats after forward, stats after backward)."""
+    if activation is not None:
+        apply_activation_memory(model, activation)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids, position_ids=position_ids)
+    after_forward = activation_stats(model)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.loss.detach(), grads, after_forward, activation_stats(model)
+
+
+def close(model):
+    executor = model.layer_executor
+    if hasattr(executor, "close"):
+        executor.close()
+
+
+def assert_grads_equal(got, ref):
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+
+
+# ------------------------------------------------------------------------------ the byte formula
+
+
+def skeletal_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
+    """(whole, rows): bytes per token of one offloaded layer's skeletal activations.
+
+    whole (offloaded in full): layer input x [h], attention output [n_heads * head_dim] and its
+    logsumexp [n_heads] (float32, float64 for float64 inputs).
+
+    rows (the first a token rows offloaded, the rest recomputed), read off what autograd saves:
+      HF RMSNorm: x32 = x.to(float32); var = x32.pow(2).mean(-1); y = x32 * rsqrt(var + eps);
+        out = weight * y.to(dtype). pow and mul save x32 [4h] (the input itself when dtype is
+        float32 and .to is a no-op: for the input norm that is x, already offloaded whole);
+        rsqrt saves its output [4] (a [t, 1] float32 column); ``weight *`` saves y.to(dtype)
+        [e*h] (float32: the mul output y itself, 4h); the next linears save the norm output [e*h].
+      q/k/v projections: their input is the norm output (above); RoPE saves only cos/sin (shared
+        tables, not per layer); the attention core saves q, k, v after RoPE [e*head_dim*(n + 2kv)]
+        and out + lse (whole). o_proj saves a view of out (whole).
+      post-attention norm: as above, but its input r = x + o_proj(out) is a fresh row tensor, so
+        in float32 it counts too.
+      MLP: gate output (SiLU input), SiLU output and up output (the mul's operands) and their
+        product (down_proj's input): 4 tensors of [e*ffn].
+    """
+    e = dtype.itemsize
+    lse = torch.promote_types(dtype, torch.float32).itemsize
+    whole = e * h + e * n_heads * head_dim + lse * n_heads
+    fp32 = dtype == torch.float32
+
+    def rms_norm(input_is_whole: bool) -> int:
+        x32 = 0 if fp32 and input_is_whole else 4 * h
+        y = 4 * h if fp32 else e * h  # fp32: mul output; else its cast to dtype
+        return x32 + 4 + y + e * h  # + rsqrt column + norm output
+
+    rows = rms_norm(True) + e * head_dim * (n_heads + 2 * n_kv) + rms_norm(False) + 4 * e * ffn
+    return whole, rows
+
+
+def plain_layer_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
+    """What the plain model saves per layer: the rows, attention out + lse, and x only in float32
+    (where pow saves the layer input itself; otherwise it saves the float32 copy, already in rows)."""
+    whole, rows = skeletal_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype)
+    x = dtype.itemsize * h
+    return rows + whole - x + (4 * h if dtype == torch.float32 else 0)
+
+
+class CountingExecutor:
+    """The plain executor, counting each layer's distinct saved storages (no params, no RoPE tables)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.per_layer: list[int] = []
+
+    def __call__(self, layers, x_th, ctx):
+        skip = self.params | {
+            ctx.cos_td.untyped_storage().data_ptr(),
+            ctx.sin_td.untyped_storage().data_ptr(),
+        }
+        for parts in layers:
+            seen: dict[int, int] = {}  # storage -> bytes
+
+            def pack(t, seen=seen):
+                key = t.untyped_storage().data_ptr()
+                if key not in skip:
+                    seen[key] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                x_th = run_layer(parts, x_th, ctx)
+            self.per_layer.append(sum(seen.values()))
+        return x_th
+
+
+def plain_saved_bytes(model, ids, position_ids=None):
+    counter = CountingExecutor(model)
+    model.layer_executor = counter
+    model(input_ids=ids, labels=ids, position_ids=position_ids).loss.backward()
+    return counter.per_layer
+
+
+# fmt: off
+FORMULA_CASES = {
+    # id: (family, dtype, model sizes, t, alpha)
+    "llama-f64-gqa": ("llama", torch.float64, dict(hidden=64, heads=4, kv_heads=2), 64, 0.3),
+    "qwen2-f32-bias": ("qwen2", torch.float32, dict(hidden=48, heads=6, kv_heads=3, ffn=80), 37, 0.77),
+    "llama-f32-mqa-hd8": ("llama", torch.float32, dict(hidden=64, heads=4, kv_heads=1, ffn=96, head_dim=8), 50, 0.5),
+    "mistral-bf16": ("mistral", torch.bfloat16, dict(hidden=32, heads=2, kv_heads=2, ffn=40), 29, 1.0),
+    "llama-f64-mha-hd12": ("llama", torch.float64, dict(hidden=40, heads=4, kv_heads=4, ffn=56, head_dim=12), 33, 0.0),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", FORMULA_CASES)
+def test_host_bytes_match_the_skeletal_formula(case):
+    family, dtype, sizes, t, alpha = FORMULA_CASES[case]
+    model = tiny_model(family, dtype, layers=4, **sizes)
+    d = dims(model)
+    whole, rows = skeletal_bytes_per_token(**d)
+    n_off, a = 3, round(alpha * t)
+    ids = ids_of(t)
+
+    # The formula describes what HF saves, independently of the executor's bookkeeping.
+    assert plain_saved_bytes(model, ids) == [t * plain_layer_bytes_per_token(**d)] * 4
+
+    _, _, fwd, bwd = forward_backward(model, ids, tokenwise(alpha))
+    expected = n_off * (t * whole + a * rows)
+    assert fwd["host_bytes"] == expected
+    assert model.layer_executor.engine.store.nbytes() == expected  # what the store really holds
+    assert fwd["file_bytes"] == 0
+    assert fwd["offload_rows_per_layer"] == a
+    assert fwd["recomputed_rows"] == n_off * (t - a)
+    assert bwd["host_bytes"] == expected  # the stats stay those of the step until the next forward
+
+    # The planner's formula and the runtime probe agree with it.
+    assert cost.offloaded_bytes(t * whole, t * rows, alpha, t, n_off) == expected
+    x = model.model.embed_tokens(ids).view(t, -1)
+    cos, sin = model.rope(x, torch.arange(t))
+    ctx = LayerContext(cos, sin, DocSpans.single(t), model.attention_backend)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert profile.saved_bytes_per_row(model.layer_parts[0], x, ctx, params) == (whole, rows)
+    close(model)
+
+
+def test_host_bytes_counted_while_copies_are_in_flight(monkeypatch):
+    """keep_last=0 and a slow host tier: the stats are taken when the last layers' copies have not
+    landed yet; they must still report the bytes the store will hold."""
+    original = store.HostStore.write
+
+    def slow_write(self, key, src, non_blocking=False):
+        time.sleep(0.01)
+        return original(self, key, src, non_blocking)
+
+    monkeypatch.setattr(store.HostStore, "write", slow_write)
+    model = tiny_model(layers=3)
+    whole, rows = skeletal_bytes_per_token(**dims(model))
+    t, a = 64, 48
+    _, _, fwd, _ = forward_backward(model, ids_of(t), tokenwise(a / t, keep_last=0))
+    assert fwd["host_bytes"] == 3 * (t * whole + a * rows)
+    close(model)
+
+
+# ------------------------------------------------------------------------------- device residency
+
+
+def test_device_peak_is_bounded_and_far_below_plain():
+    """8 layers, fp64, t=64. The executor's device accounting must stay within
+
+        keep_last * P  +  2 * S(a)  +  (W + R)
+
+    P: one plain layer's saved bytes (the kept layers hold those until their backward);
+    S(a): one offloaded layer's staging, the whole tensors plus, when a > 0, the full row tensors
+      (on CPU the copy thread reads the originals; layer i waits for layer i-2's copies, so at
+      most two layers are in flight);
+    W + R: one layer rebuilt for its backward (whole tensors fetched + rows reassembled).
+    And it can never be below keep_last * P: those bytes are really held at the end of forward."""
+    t, layers = 64, 8
+    model = tiny_model(layers=layers)
+    d = dims(model)
+    whole, rows = (t * b for b in skeletal_bytes_per_token(**d))
+    ids = ids_of(t)
+    plain = plain_saved_bytes(model, ids)
+    P = t * plain_layer_bytes_per_token(**d)
+    assert plain == [P] * layers
+    plain_total = sum(plain)
+    # every layer kept: the accounting is exactly what the plain model saves
+    _, _, _, stats = forward_backward(model, ids, tokenwise(0.5, keep_last=layers))
+    assert stats["device_peak_bytes"] == plain_total
+    for keep_last in (1, 2):
+        for alpha in (0.0, 0.5, 1.0):
+            _, _, _, stats = forward_backward(model, ids, tokenwise(alpha, keep_last))
+            staging = whole + (rows if round(alpha * t) else 0)
+            bound = keep_last * P + 2 * staging + whole + rows
+            peak = stats["device_peak_bytes"]
+            assert keep_last * P <= peak <= bound, (keep_last, alpha, peak, bound)
+            close(model)
+            if keep_last == 1:
+                assert peak < plain_total / 2, (alpha, peak, plain_total)
+                if alpha == 0.0:
+                    assert peak < plain_total / 5, (peak, plain_total)
+
+
+# ----------------------------------------------------------------------------------- recompute
+
+
+def row_wise_flops_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
+    """Matmul FLOPs (2 per multiply-add) of pre-attention (q, k, v) and post-attention (o, gate, up,
+    down) for one token row: what the rerun of one dropped row costs."""
+    return 2 * (h * head_dim * (n_heads + 2 * n_kv) + n_heads * head_dim * h + 3 * h * ffn)
+
+
+def flops(model, ids, activation):
+    apply_activation_memory(model, activation)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    close(model)
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("t", [64, 37])
+def test_recompute_covers_only_dropped_rows_and_never_attention(t):
+    """The reference attention backend computes attention with einsum (bmm), so the counter sees
+    its FLOPs; full recompute repeats them (the counter is not blind), tokenwise never does."""
+    layers, n_off = 4, 3
+    model = tiny_model(layers=layers, backend="reference")
+    d = dims(model)
+    ids = ids_of(t)
+    plain = flops(model, ids, {"mode": "none"})
+    attention_forward = 2 * (2 * d["n_heads"] * t * t * d["head_dim"])  # scores + weighted sum
+    full = flops(model, ids, {"mode": "recompute"})
+    assert full["aten.bmm"] - plain["aten.bmm"] == layers * attention_forward
+    for alpha in (0.0, 0.3, 0.77, 1.0):
+        tw = flops(model, ids, tokenwise(alpha))
+        extra = {op: tw.get(op, 0) - plain.get(op, 0) for op in set(tw) | set(plain)}
+        dropped = t - round(alpha * t)
+        assert extra.get("aten.bmm", 0) == 0, extra
+        assert sum(extra.values()) == n_off * dropped * row_wise_flops_per_token(**d), (alpha, extra)
+
+
+# ----------------------------------------------------------------------------------- file tier
+
+
+def activation_files(directory):
+    return sorted(p for p in directory.iterdir() if p.name.startswith("activations-"))
+
+
+def test_file_tier_matches_host_tier(tmp_path):
+    model = tiny_model()
+    whole, rows = skeletal_bytes_per_token(**dims(model))
+    t, alpha = 64, 0.3
+    ids = ids_of(t)
+    loss_h, grads_h, host, _ = forward_backward(model, ids, tokenwise(alpha))
+    close(model)
+    loss_f, grads_f, fwd, _ = forward_backward(
+        model, ids, tokenwise(alpha, tier="file", file_dir=str(tmp_path))
+    )
+    assert torch.equal(loss_f, loss_h)
+    assert_grads_equal(grads_f, grads_h)
+    expected = 3 * (t * whole + round(alpha * t) * rows)
+    assert host["host_bytes"] == expected and host["file_bytes"] == 0
+    assert fwd["file_bytes"] == expected and fwd["host_bytes"] == 0
+    [path] = activation_files(tmp_path)
+    assert path.stat().st_size >= expected
+    close(model)
+    assert activation_files(tmp_path) == []  # close() removes the file
+
+
+def test_two_file_stores_in_one_directory_do_not_collide(tmp_path):
+    """Two models with the file tier in the same directory, forwards interleaved before backwards:
+    each store has its own file (they once shared activations-<pid>.bin and overwrote each other)."""
+    a, b = tiny_model(), tiny_model()
+    ids_a, ids_b = ids_of(64, seed=1), ids_of(64, seed=2)
+    _, ref, _, _ = forward_backward(a, ids_a)
+    cfg = tokenwise(0.5, tier="file", file_dir=str(tmp_path))
+    apply_activation_memory(a, cfg)
+    apply_activation_memory(b, cfg)
+    a.zero_grad(set_to_none=True)
+    loss_a = a(input_ids=ids_a, labels=ids_a).loss
+    loss_b = b(input_ids=ids_b, labels=ids_b).loss
+    loss_a.backward()
+    loss_b.backward()
+    assert_grads_equal({n: p.grad for n, p in a.named_parameters()}, ref)
+    assert len(activation_files(tmp_path)) == 2
+    close(a)
+    close(b)
+
+
+def test_short_read_raises_in_backward(tmp_path, monkeypatch):
+    model = tiny_model()
+    ids = ids_of(64)
+    apply_activation_memory(model, tokenwise(0.5, tier="file", file_dir=str(tmp_path)))
+    loss = model(input_ids=ids, labels=ids).loss
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: real(fd, buffers, offset) - 1)
+    with pytest.raises(OSError, match="short read"):
+        loss.backward()
+
+
+def test_truncated_activation_file_raises_in_backward(tmp_path):
+    """Another process (or a full disk) truncates the file between forward and backward."""
+    model = tiny_model()
+    ids = ids_of(64)
+    apply_activation_memory(model, tokenwise(0.5, tier="file", file_dir=str(tmp_path)))
+    loss = model(input_ids=ids, labels=ids).loss
+    [path] = activation_files(tmp_path)
+    os.truncate(path, 0)
+    with pytest.raises(OSError, match="short read"):
+        loss.backward()
+
+
+def test_short_write_raises(tmp_path, monkeypatch):
+    model = tiny_model()
+    ids = ids_of(64)
+    apply_activation_memory(model, tokenwise(0.5, tier="file", file_dir=str(tmp_path)))
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, data, offset) - 1)
+    with pytest.raises(OSError, match="short write"):
+        model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_unusable_file_dir_fails_at_apply_time(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("a regular file, so no directory can be created below it")
+    bad = str(blocker / "sub")
+    model = tiny_model(layers=1)
+    with pytest.raises(ValueError, match=r"activation\.file_dir .*not writable"):
+        apply_activation_memory(model, tokenwise(0.5, tier="file", file_dir=bad))
+    with pytest.raises(ValueError, match=r"activation\.file_dir"):
+        store.build_store("file", bad)
+    with pytest.raises(ValueError, match=r"activation\.file_dir .*GiB free"):
+        store.check_file_dir(tmp_path, need_bytes=2**62)
+    assert store.check_file_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+
+
+# --------------------------------------------------------------------------------- step lifecycle
+
+
+def test_gradient_accumulation_equals_plain():
+    """Two micro-batches, forward/backward one after the other, loss normalised by the total token
+    count: the accumulated gradients equal the plain model's."""
+    model = tiny_model()
+    batches = [ids_of(64, seed=1), ids_of(37, b=2, seed=2)]
+    total = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+
+    def accumulate(activation):
+        apply_activation_memory(model, activation)
+        model.zero_grad(set_to_none=True)
+        for ids in batches:
+            model(input_ids=ids, labels=ids, loss_normalizer=total).loss.backward()
+        close(model)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = accumulate({"mode": "none"})
+    assert_grads_equal(accumulate(tokenwise(0.3)), ref)
+
+
+def test_second_forward_before_backward_raises_and_keeps_the_first_graph():
+    model = tiny_model()
+    ids, other = ids_of(64, seed=1), ids_of(64, seed=2)
+    _, ref, _, _ = forward_backward(model, ids)
+    apply_activation_memory(model, tokenwise(0.3))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="one pending backward"):
+        model(input_ids=other, labels=other)
+    with torch.no_grad():  # an eval forward does not save anything: allowed
+        model(input_ids=other, labels=other)
+    loss.backward()
+    assert_grads_equal({n: p.grad for n, p in model.named_parameters()}, ref)
+    # a dropped graph (no backward) does not block the next forward
+    model(input_ids=other, labels=other)
+    model(input_ids=ids, labels=ids).loss.backward()
+    close(model)
+
+
+# ------------------------------------------------------------------------------------ alpha="auto"
+
+
+def test_auto_alpha_resolves_and_profiles():
+    model = tiny_model()
+    whole, rows = skeletal_bytes_per_token(**dims(model))
+    t = 64
+    ids = ids_of(t)
+    _, ref, _, _ = forward_backward(model, ids)
+    _, grads, stats, _ = forward_backward(model, ids, tokenwise("auto"))
+    executor = model.layer_executor
+    assert isinstance(executor.alpha, float) and 0.0 <= executor.alpha <= 1.0
+    assert stats["alpha"] == executor.alpha
+    assert stats["offload_rows_per_layer"] == round(executor.alpha * t)
+    prof = executor.profile
+    assert prof["layer_forward_s"] > 0 and prof["copy_bytes_per_s"] > 0
+    assert (prof["whole_bytes_per_token"], prof["row_bytes_per_token"]) == (whole, rows)
+    assert_grads_equal(grads, ref)
+    close(model)
+
+
+def test_auto_alpha_respects_the_host_budget(monkeypatch):
+    """A link fast enough to hide any copy: alpha is memory-bound and the host bytes fit the budget.
+    The budget allows 25.6 rows per layer; rounding alpha * t to 26 rows would overrun it."""
+    monkeypatch.setattr(profile, "copy_bandwidth", lambda *args, **kwargs: 1e18)
+    model = tiny_model()
+    whole, rows = skeletal_bytes_per_token(**dims(model))
+    t, n_off = 64, 3
+    budget = int(n_off * (t * whole + 25.6 * rows))
+    _, _, stats, _ = forward_backward(model, ids_of(t), tokenwise("auto", host_budget_bytes=budget))
+    assert stats["offload_rows_per_layer"] == 25
+    assert stats["alpha"] == 25 / t
+    assert stats["host_bytes"] == n_off * (t * whole + 25 * rows) <= budget
+    close(model)
+
+
+def test_auto_alpha_raises_when_the_whole_tensors_do_not_fit():
+    model = tiny_model()
+    whole, _ = skeletal_bytes_per_token(**dims(model))
+    t = 64
+    apply_activation_memory(model, tokenwise("auto", host_budget_bytes=3 * t * whole - 1))
+    with pytest.raises(ValueError, match=r"activation\.host_budget_bytes"):
+        model(input_ids=ids_of(t), labels=ids_of(t))
+    close(model)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # (whole, rows, T_layer s, bandwidth B/s, n_offloaded, budget): alpha
+        ((100, 1000, 1.0, 600.0, 4, 10**9), 0.5),  # time-bound: (600 - 100) / 1000
+        ((100, 1000, 1.0, 10.0**9, 4, 4 * 350), 0.25),  # memory-bound: (1400 / 4 - 100) / 1000
+        ((100, 1000, 1.0, 600.0, 4, 4 * 350), 0.25),  # both bind: the smaller wins
+        ((100, 1000, 1.0, 50.0, 4, 10**9), 0.0),  # even the whole tensors miss the time: clamp at 0
+        ((100, 1000, 10.0, 10.0**9, 4, 10**9), 1.0),  # plenty of both: clamp at 1
+        ((100, 1000, 1.0, 600.0, 0, 1), 1.0),  # nothing offloaded
+        ((100, 0, 1.0, 600.0, 4, 10**9), 1.0),  # no row tensors
+    ],
+)
+def test_tokenwise_alpha(args, expected):
+    assert math.isclose(cost.tokenwise_alpha(*args), expected, abs_tol=1e-12)
+
+
+def test_tokenwise_alpha_raises_when_whole_tensors_exceed_the_budget():
+    with pytest.raises(ValueError, match=r"activation\.host_budget_bytes"):
+        cost.tokenwise_alpha(100, 1000, 1.0, 600.0, 4, 399)
+    assert cost.tokenwise_alpha(100, 1000, 1.0, 600.0, 4, 400) == 0.0  # exactly fits: alpha 0
+
+
+def test_offloaded_bytes():
+    # 3 layers, t = 37 rows, a = round(0.5 * 37) = 18 (round half to even, as the executor)
+    assert cost.offloaded_bytes(37 * 10, 37 * 100, 0.5, 37, 3) == 3 * (370 + 18 * 100)
+    assert cost.offloaded_bytes(37 * 10, 37 * 100, 0.0, 37, 3) == 3 * 370
+    assert cost.offloaded_bytes(37 * 10, 37 * 100, 1.0, 37, 0) == 0
