@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ class Job:
         per_token = model_flops_per_token(self._dense_params, cfg.num_hidden_layers, hidden_q, mean_doc)
         return per_token * mb.input_ids.numel()
 
-    @property
+    @functools.cached_property
     def _dense_params(self) -> int:
         return sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
 
