@@ -266,7 +266,7 @@ class TokenwiseExecutor:
         vkey = _view_key(tensor)
         slot = rec.slots.get(vkey)
         if slot is None:
-            rec.alive.append(tensor)
+            rec.alive.append(tensor.detach())  # detached: no path back into the graph (see _recompute_tails)
             slot = self._classify(rec, segment, tensor, shared)
             rec.slots[vkey] = slot
         slot.refs += 1
@@ -416,7 +416,10 @@ class TokenwiseExecutor:
                 ):
                     return None
                 seen.add(vkey)
-                alive.append(tensor)
+                # Detached: autograd keeps this hook (and so ``alive``) referenced from the graph's
+                # saved variables; a grad_fn here would close a cycle through C++ that the garbage
+                # collector cannot see, leaking the rerun graph every step.
+                alive.append(tensor.detach())
                 if tensor.dim() >= 1 and tensor.shape[0] == rec.t - rec.a:
                     captured[segment].append(tensor.detach())
                 return None
