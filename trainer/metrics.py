@@ -40,7 +40,7 @@ def detect_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         for key, flops in _GPU_PEAK_BF16.items():
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2
-    n = 512
+    n = 1024  # large enough for the BLAS kernel to reach its steady rate
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
