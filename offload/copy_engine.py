@@ -61,8 +61,22 @@ class CopyTimer:
     def reset(self) -> None:
         self.copy_s = self.exposed_s = 0.0
 
+    def wait(self, copy: Copy) -> Tensor | None:
+        """Wait for ``copy`` on the compute thread; the time spent is the copy time left exposed."""
+        t0 = time.perf_counter()
+        value = copy.wait()
+        self.exposed_s += time.perf_counter() - t0
+        return value
 
-class ThreadCopyEngine:
+
+class _EngineBase:
+    timer: CopyTimer
+
+    def wait(self, copy: Copy) -> Tensor | None:
+        return self.timer.wait(copy)
+
+
+class ThreadCopyEngine(_EngineBase):
     """Copies on two worker threads (the CPU implementation of the two copy streams)."""
 
     def __init__(self, store: ActivationStore, device: torch.device):
@@ -89,18 +103,12 @@ class ThreadCopyEngine:
         """Read ``key`` back to the device asynchronously."""
         return Copy(self._h2d.submit(self._timed(lambda: self.store.read(key, self.device))))
 
-    def wait(self, copy: Copy) -> Tensor | None:
-        t0 = time.perf_counter()
-        value = copy.wait()
-        self.timer.exposed_s += time.perf_counter() - t0
-        return value
-
     def close(self) -> None:
         self._d2h.shutdown(wait=True)
         self._h2d.shutdown(wait=True)
 
 
-class CudaCopyEngine:
+class CudaCopyEngine(_EngineBase):
     """Side streams + events; two device rounding buffers alternate between layers."""
 
     def __init__(self, store: ActivationStore, device: torch.device):
@@ -149,12 +157,6 @@ class CudaCopyEngine:
             done = torch.cuda.Event()
             done.record(self._h2d_stream)
         return Copy(value=value, event=done)
-
-    def wait(self, copy: Copy) -> Tensor | None:
-        t0 = time.perf_counter()
-        value = copy.wait()
-        self.timer.exposed_s += time.perf_counter() - t0
-        return value
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
