@@ -16,6 +16,7 @@ from longtrain.trainer.model.adapter import CausalLM, PlainExecutor, adapt
 
 from .config import ActivationConfig
 from .copy_engine import build_copy_engine
+from .heap import build_heap_trimmer
 from .profile import resolve_alpha
 from .recompute import OffloadAllExecutor, RecomputeExecutor
 from .store import build_store
@@ -56,7 +57,8 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
         device = next(model.parameters()).device
         engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params)
+        trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier)
+        executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
         if cfg.alpha == "auto":
             executor.alpha_resolver = lambda layers, x, ctx: resolve_alpha(executor, layers, x, ctx, cfg)
         model.layer_executor = executor

@@ -24,6 +24,9 @@ class ActivationConfig:
     file_dir: directory of the file tier (default: <output_dir>/activation_swap).
     host_budget_bytes: cap on host/file-tier activation bytes for alpha="auto" (default: half of
         the available memory).
+    trim_heap: hand freed heap pages back to the OS at every offloaded layer boundary (glibc
+        malloc_trim), so a CPU process's RSS follows the bytes it holds; auto: on for the file
+        tier on a CPU device (see offload/heap.py).
     """
 
     mode: str = "none"
@@ -32,6 +35,7 @@ class ActivationConfig:
     keep_last: int = 2
     file_dir: str | None = None
     host_budget_bytes: int | None = None
+    trim_heap: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,6 +55,8 @@ class ActivationConfig:
             self.alpha = float(self.alpha)
         if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 0:
             raise ValueError(f"activation.keep_last must be an int >= 0, got {self.keep_last!r}")
+        if not (isinstance(self.trim_heap, bool) or self.trim_heap == "auto"):
+            raise ValueError(f"activation.trim_heap must be true, false or 'auto', got {self.trim_heap!r}")
         if self.host_budget_bytes is not None and (
             isinstance(self.host_budget_bytes, bool)
             or not isinstance(self.host_budget_bytes, int)

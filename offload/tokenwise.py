@@ -34,6 +34,7 @@ from torch import Tensor
 from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 
 from .copy_engine import Copy
+from .heap import HeapTrimmer
 
 
 def _storage_key(t: Tensor) -> int:
@@ -120,8 +121,16 @@ class _LayerRecord:
 class TokenwiseExecutor:
     """Runs the decoder layers with token-wise swap/recompute (see the module docstring)."""
 
-    def __init__(self, engine, alpha: float | str, keep_last: int, param_storages: set[int]):
+    def __init__(
+        self,
+        engine,
+        alpha: float | str,
+        keep_last: int,
+        param_storages: set[int],
+        trim_heap: HeapTrimmer | None = None,
+    ):
         self.engine = engine
+        self.trim_heap = trim_heap or HeapTrimmer(False)
         self.alpha = alpha  # "auto" until alpha_resolver measured it on the first step
         self.alpha_resolver = None
         self.keep_last = keep_last
@@ -157,6 +166,8 @@ class TokenwiseExecutor:
             "copy_s": timer.copy_s,
             "copy_exposed_s": timer.exposed_s,
             "copy_hidden_s": timer.copy_s - exposed,
+            "heap_trims": self.trim_heap.calls,
+            "heap_trim_s": self.trim_heap.seconds,
         }
 
     # ---------------------------------------------------------------- forward
@@ -176,6 +187,8 @@ class TokenwiseExecutor:
         for parts in layers:
             if parts.index < n_offloaded:
                 self._wait_offloads(parts.index - 2)  # layer i reuses layer i-2's buffer
+                if parts.index >= 2:
+                    self.trim_heap()  # layer i-2's saved tensors are free now
                 x_th = self._forward_offloaded(parts, x_th, ctx, t, a)
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
@@ -365,6 +378,7 @@ class TokenwiseExecutor:
 
     def _rebuild(self, rec: _LayerRecord) -> None:
         """Fetch the offloaded rows and whole tensors; recompute rows [a, t) of every row slot."""
+        self.trim_heap()  # the layer above has finished its backward and freed its tensors
         self._prefetch(rec.index)
         for w in rec.wholes:
             w.value = self.engine.wait(w.copy)
@@ -465,6 +479,7 @@ class TokenwiseExecutor:
         if hasattr(self.engine.store, "release_all"):
             self.engine.store.release_all()
         self.engine.timer.reset()
+        self.trim_heap.reset()
         self._device_bytes = 0
         self._device_peak = 0
         self._store_bytes = 0

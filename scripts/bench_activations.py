@@ -1,6 +1,6 @@
 """Activation-memory strategies side by side on one Llama model: time, accounted bytes, peak RSS.
 
-    python scripts/bench_activations.py --quick   # 16 layers at 4K, 8K; bounded length search (< 10 min)
+    python scripts/bench_activations.py --quick   # 16 layers at 2K, 4K; length search capped at 8K (< 10 min)
     python scripts/bench_activations.py           # 16 layers at 4K, 8K, 16K; 32-layer length search
 
 Systems (same weights, same random tokens, fp32, batch 1, one document):
@@ -10,7 +10,8 @@ Systems (same weights, same random tokens, fp32, batch 1, one document):
                                                       checkpoint(run_layer, use_reentrant=False)
     save_on_cpu     torch.autograd.graph.save_on_cpu  mode=offload: the executor wraps exactly that peer
     tokenwise       ours: alpha auto, host tier, keep_last 2
-    tokenwise_file  ours: file tier under a temp dir, alpha 0, keep_last 2 (see FILE_ALPHA)
+    tokenwise_file  ours: file tier under a temp dir, alpha 0, keep_last 2 (see FILE_ALPHA); the file
+                    tier trims the heap at layer boundaries by default (activation.trim_heap=auto)
 
 Every system runs in its own worker process (so ``ru_maxrss`` is that system's own peak). The
 workers of one length stay alive together and step in turn, round-robin, so load from other
@@ -422,14 +423,25 @@ def report(timing: dict, search: dict, args) -> dict:
                 f"| {r['loss']:.6f} |"
             )
     print("\n### Ours: executor statistics of the last step\n")
-    cols = ["len", "system", "alpha", "offloaded layers", "recomputed rows", "copy s", "copy exposed s"]
+    cols = [
+        "len",
+        "system",
+        "alpha",
+        "offloaded layers",
+        "recomputed rows",
+        "copy s",
+        "copy exposed s",
+        "heap trims",
+        "trim s",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for L in lengths:
         for s in ("tokenwise", "tokenwise_file"):
             a = timing[L][s]["activation"]
             print(
                 f"| {L} | {s} | {a.get('alpha', 0):.3f} | {a.get('offloaded_layers', 0)} | {a['recomputed_rows']} "
-                f"| {a.get('copy_s', 0):.3f} | {a.get('copy_exposed_s', 0):.3f} |"
+                f"| {a.get('copy_s', 0):.3f} | {a.get('copy_exposed_s', 0):.3f} "
+                f"| {a.get('heap_trims', 0)} | {a.get('heap_trim_s', 0):.3f} |"
             )
     targets = {**TARGETS, "device_act_bytes_vs_none": (2 + 2) / args.spec16["layers"]}
     ratios = ratios_at(timing[lengths[-1]])
@@ -506,7 +518,7 @@ def main() -> None:
     )
     args.spec16, args.spec32 = model_spec(16), model_spec(32)
     args.budget = int((args.budget_gib or (1.0 if args.quick else 1.5)) * 2**30)
-    args.search_start, args.search_cap = 1024, (4096 if args.quick else 32768)
+    args.search_start, args.search_cap = 1024, (8192 if args.quick else 32768)
     args.resolution = 1024 if args.quick else 512
     args.env = dict(os.environ, PYTHONWARNINGS="ignore")
     if args.mmap_threshold is not None:

@@ -234,6 +234,7 @@ def test_tokenwise_with_frozen_parameters_equals_plain(frozen):
         ({"mode": "tokenwise", "tier": "ssd"}, "activation.tier"),
         ({"mode": "tokenwise", "keep_last": -1}, "activation.keep_last"),
         ({"mode": "tokenwise", "host_budget_bytes": 0}, "activation.host_budget_bytes"),
+        ({"mode": "tokenwise", "trim_heap": "yes"}, "activation.trim_heap"),
         ({"mode": "tokenwise", "tier": "file"}, "activation.file_dir"),
         ({"mode": "tokenwise", "alpah": 0.5}, "alpah"),
     ],

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from longtrain.offload import activation_stats, apply_activation_memory, cost, profile, store
+from longtrain.offload import activation_stats, apply_activation_memory, cost, heap, profile, store
 from longtrain.trainer.model.adapter import LayerContext, adapt, run_layer
 from longtrain.trainer.model.attention import DocSpans
 from longtrain.trainer.model.hf import build_hf_model
@@ -347,6 +349,69 @@ def test_file_tier_matches_host_tier(tmp_path):
     assert path.stat().st_size >= expected
     close(model)
     assert activation_files(tmp_path) == []  # close() removes the file
+
+
+needs_malloc_trim = pytest.mark.skipif(not heap.heap_trim_available(), reason="needs glibc malloc_trim")
+
+
+@needs_malloc_trim
+def test_file_tier_trims_the_heap_at_layer_boundaries_without_changing_results(tmp_path):
+    model = tiny_model(layers=4)
+    ids = ids_of(48)
+    loss_p, grads_p, _, _ = forward_backward(model, ids, {"mode": "none"})
+    loss, grads, fwd, bwd = forward_backward(
+        model, ids, tokenwise(0.0, keep_last=0, tier="file", file_dir=str(tmp_path))
+    )
+    assert torch.equal(loss, loss_p)
+    assert_grads_equal(grads, grads_p)
+    assert fwd["heap_trims"] == 2  # before layers 2 and 3 (layers 0 and 1 are free by then)
+    assert bwd["heap_trims"] == 2 + 4  # and before each offloaded layer's rebuild
+    assert bwd["heap_trim_s"] > 0
+    close(model)
+
+
+@pytest.mark.parametrize(
+    "cfg, trims",
+    [({"tier": "host"}, 0), ({"tier": "host", "trim_heap": True}, 2), ({"tier": "file", "trim_heap": False}, 0)],
+)
+def test_trim_heap_setting(tmp_path, cfg, trims):
+    if cfg.get("trim_heap") and not heap.heap_trim_available():
+        pytest.skip("needs glibc malloc_trim")
+    model = tiny_model(layers=3)
+    _, _, _, stats = forward_backward(model, ids_of(16), tokenwise(0.5, file_dir=str(tmp_path), **cfg))
+    assert stats["heap_trims"] == trims  # 2 offloaded layers: one trim before each rebuild, none in forward
+    close(model)
+
+
+def test_trim_heap_true_without_malloc_trim_names_the_key(monkeypatch):
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", None)
+    model = tiny_model(layers=1)
+    with pytest.raises(ValueError, match=r"activation\.trim_heap"):
+        apply_activation_memory(model, tokenwise(0.5, trim_heap=True))
+    # auto quietly stays off where malloc_trim is missing
+    assert heap.build_heap_trimmer("auto", "cpu", "file").enabled is False
+
+
+def test_malloc_trim_returns_freed_heap_pages_to_the_os():
+    # in a fresh process: this one's heap layout depends on every test before
+    code = """
+import psutil, torch
+from longtrain.offload.heap import HeapTrimmer, heap_trim_available
+if not heap_trim_available():
+    print("skip")
+    raise SystemExit
+proc = psutil.Process()
+blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 256 MiB of 64 KiB blocks, below the mmap threshold
+fence = torch.ones(16 * 1024)  # keeps the freed blocks below the heap top: free() cannot trim them
+del blocks
+before = proc.memory_info().rss
+HeapTrimmer(True)()
+print((before - proc.memory_info().rss) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if out == "skip":
+        pytest.skip("needs glibc malloc_trim")
+    assert float(out) > 200  # MiB handed back
 
 
 def test_two_file_stores_in_one_directory_do_not_collide(tmp_path):
