@@ -20,6 +20,7 @@ from longtrain.trainer.data import (
     PackedLoader,
     build_data,
     build_datasets,
+    eval_batches,
     load_tokenizer,
     pack_documents,
 )
@@ -259,6 +260,37 @@ def test_missing_path_and_missing_field_errors(tmp_path, offline) -> None:
         build_data(DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl")), seq_len=64, seed=0)
 
 
+def test_add_bos_starts_every_document_with_the_bos_token(tmp_path, offline) -> None:
+    _write_jsonl(tmp_path / "a.jsonl", TEXTS[:4])
+    data = build_datasets(
+        DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl"), add_bos=True), seq_len=256, seed=0
+    )
+    tok, rows = data.tokenizer, data.train
+    documents = [
+        rows.input_ids[r, a:b].tolist() for r in range(len(rows)) for a, b in _segments(rows.position_ids[r])
+    ]
+    documents = [ids for ids in documents if ids[0] != tok.pad_id]  # padding tails
+    assert tok.bos_id is not None and len(documents) == 4
+    assert all(ids[0] == tok.bos_id and ids[-1] == tok.eos_id for ids in documents)
+    assert sorted(tok.decode(ids[1:-1]) for ids in documents) == sorted(TEXTS[:4])
+
+
+def test_add_bos_without_a_bos_token_names_the_key(tmp_path, offline, monkeypatch) -> None:
+    _write_jsonl(tmp_path / "a.jsonl", TEXTS[:2])
+    real = load_tokenizer
+
+    def no_bos(name):
+        tok = real(name)
+        tok.bos_id = None
+        return tok
+
+    monkeypatch.setattr("longtrain.trainer.data.pipeline.load_tokenizer", no_bos)
+    with pytest.raises(ValueError, match=r"data\.add_bos=true"):
+        build_datasets(
+            DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl"), add_bos=True), seq_len=64, seed=0
+        )
+
+
 def test_max_documents_and_val_split(tmp_path, offline) -> None:
     _write_jsonl(tmp_path / "a.jsonl", TEXTS)
     cfg = DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl"), max_documents=10, val_fraction=0.2)
@@ -292,6 +324,15 @@ def test_two_ranks_see_disjoint_rows_covering_the_epoch() -> None:
         assert loaders[0].epoch == epoch + 1
     # a new epoch is a new permutation
     assert not torch.equal(loaders[0].row_indices(0), loaders[0].row_indices(4))
+
+
+def test_eval_batches_split_the_rows_once_across_ranks() -> None:
+    rows = _rows(7)
+    per_rank = [[_row_ids(mb) for mb in eval_batches(rows, 2, dp_rank=r, dp_world=2)] for r in range(2)]
+    assert per_rank == [[[0, 1], [4, 5]], [[2, 3], [6]]]  # in order; the last micro-batch is short
+    assert [len(list(eval_batches(rows, 2, r, 2, max_batches=1))) for r in range(2)] == [1, 1]
+    assert [_row_ids(mb) for mb in eval_batches(rows, 4, dp_rank=1, dp_world=2)] == [[4, 5, 6]]
+    assert list(eval_batches(_rows(3), 4, dp_rank=1, dp_world=2)) == []  # a rank may get nothing
 
 
 def test_resume_gives_identical_next_batches() -> None:

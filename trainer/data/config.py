@@ -43,6 +43,10 @@ class DataConfig:
     add_eos: bool = True
     """Append the tokenizer's end-of-text token to every document."""
 
+    add_bos: bool = False
+    """Prepend the tokenizer's begin-of-text token to every document (Llama-3 style fine-tuning
+    data; the tokenizer must define one)."""
+
     val_fraction: float = 0.0
     """Fraction of documents held out for validation (0 = no validation split)."""
 
@@ -66,6 +70,7 @@ class DataConfig:
         _check_fraction("data.passkey_fraction", self.passkey_fraction, upper_inclusive=True)
         _check_bool("data.shuffle", self.shuffle)
         _check_bool("data.add_eos", self.add_eos)
+        _check_bool("data.add_bos", self.add_bos)
         _check_fraction("data.val_fraction", self.val_fraction, upper_inclusive=False)
         if self.max_documents is not None:
             _check_positive_int("data.max_documents", self.max_documents)

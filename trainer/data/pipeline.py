@@ -1,7 +1,7 @@
 """``build_data``: config -> tokenizer + packed rows -> resumable loader, in one readable pass.
 
     texts     = load_texts(cfg)                      # bundled prose+passkey, or local files
-    documents = tokenizer.encode_batch(texts) + eos  # token lists
+    documents = [bos] + encode(text) + [eos]          # token lists (bos with data.add_bos)
     train/val = split documents (seeded)             # only when data.val_fraction > 0
     rows      = pack_documents(train, seq_len)       # [n, s] input_ids / labels / position_ids
     loader    = PackedLoader(rows, B, rank, world)   # micro-batch g -> rows, by index
@@ -42,10 +42,16 @@ def build_datasets(cfg: DataConfig, *, seq_len: int, seed: int) -> PackedData:
     if not texts:
         raise ValueError(f"data.path={cfg.path!r} holds no non-empty {cfg.text_field!r} values")
 
+    if cfg.add_bos and tokenizer.bos_id is None:
+        raise ValueError(
+            f"data.add_bos=true but the tokenizer {tokenizer.name!r} defines no begin-of-text token; "
+            "set data.add_bos=false or use a tokenizer with one"
+        )
+    bos = [tokenizer.bos_id] if cfg.add_bos else []
     eos = [tokenizer.eos_id] if cfg.add_eos else []
     documents: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_CHUNK):
-        documents += [ids + eos for ids in tokenizer.encode_batch(texts[i : i + _ENCODE_CHUNK])]
+        documents += [bos + ids + eos for ids in tokenizer.encode_batch(texts[i : i + _ENCODE_CHUNK])]
 
     order = list(range(len(documents)))
     if cfg.shuffle:
@@ -69,7 +75,14 @@ def build_data(
 ) -> tuple[Tokenizer, PackedLoader]:
     """The tokenizer and this rank's training loader (see ``build_datasets`` for the val rows)."""
     data = build_datasets(cfg, seq_len=seq_len, seed=seed)
-    loader = PackedLoader(
+    return data.tokenizer, train_loader(data, cfg, seed=seed, dp_rank=dp_rank, dp_world=dp_world)
+
+
+def train_loader(
+    data: PackedData, cfg: DataConfig, *, seed: int, dp_rank: int = 0, dp_world: int = 1
+) -> PackedLoader:
+    """This rank's resumable loader over the packed training rows."""
+    return PackedLoader(
         data.train,
         micro_batch_size=cfg.micro_batch_size,
         dp_rank=dp_rank,
@@ -77,4 +90,3 @@ def build_data(
         seed=seed,
         shuffle=cfg.shuffle,
     )
-    return data.tokenizer, loader
