@@ -45,7 +45,10 @@ def _positive_int(key: str, value: object, allow_none: bool = False) -> None:
 class TrainConfig:
     """steps: optimizer steps.  seq_len: tokens per packed row.  dtype: float32 | bfloat16
     (autocast, fp32 master weights) | float64 (exactness checks).  grad_accum: micro-batches per
-    step.  log_every: steps between metric lines.  device: auto | cpu | cuda."""
+    step.  log_every: steps between metric lines.  device: auto | cpu | cuda.
+    eval_every: steps between validation passes over the held-out split (needs
+    data.val_fraction > 0; 0 = only after the last step).  eval_batches: micro-batches per rank
+    per validation pass (null = the whole split)."""
 
     steps: int = 100
     seq_len: int = 512
@@ -53,10 +56,15 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     device: str = "auto"
+    eval_every: int = 0
+    eval_batches: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "seq_len", "grad_accum", "log_every"):
             _positive_int(f"train.{key}", getattr(self, key))
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be an int >= 0, got {self.eval_every!r}")
+        _positive_int("train.eval_batches", self.eval_batches, allow_none=True)
         if self.dtype not in DTYPES:
             raise ConfigError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -147,6 +155,11 @@ class JobConfig:
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps}); lower it"
+            )
+        if self.train.eval_every and self.data.val_fraction == 0:
+            raise ConfigError(
+                f"train.eval_every={self.train.eval_every} needs a validation split: set data.val_fraction "
+                "(e.g. 0.05) or train.eval_every=0"
             )
         if self.model.sliding_window is not None and self.model.sliding_window < self.train.seq_len:
             raise ConfigError(

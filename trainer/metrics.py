@@ -131,19 +131,20 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(metrics) + "\n")
+        shown = {  # a validation-only line (train.eval_every between log steps) has just val_*
+            "loss": lambda v: f"{v:.4f}",
+            "val_loss": lambda v: f"{v:.4f}",
+            "lr": lambda v: f"{v:.2e}",
+            "tokens_per_s": lambda v: f"{v:.0f}",
+            "mem_peak_bytes": lambda v: f"{v / 2**20:.0f}MiB",
+        }
+        names = {"tokens_per_s": "tok_s", "mem_peak_bytes": "mem"}
+        fields = {names.get(k, k): fmt(metrics[k]) for k, fmt in shown.items() if k in metrics}
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}",
-                mem=f"{metrics['mem_peak_bytes'] / 2**20:.0f}MiB",
-                refresh=False,
-            )
+            fields.pop("lr", None)
+            self.bar.set_postfix(fields, refresh=False)
         else:
-            print(
-                f"step {metrics['step']} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                f"tok/s {metrics['tokens_per_s']:.0f} mem {metrics['mem_peak_bytes'] / 2**20:.0f}MiB",
-                flush=True,
-            )
+            print(f"step {metrics['step']} " + " ".join(f"{k} {v}" for k, v in fields.items()), flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=metrics["step"])
 

@@ -24,8 +24,15 @@ from longtrain.offload import apply_activation_memory
 from longtrain.optim import build_optimizer as make_optimizer
 from longtrain.optim import build_scheduler
 from longtrain.parallel import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
-from longtrain.trainer.data import MicroBatch, PackedLoader, Tokenizer
-from longtrain.trainer.data import build_data as make_data
+from longtrain.trainer.data import (
+    MicroBatch,
+    PackedLoader,
+    PackedRows,
+    Tokenizer,
+    build_datasets,
+    eval_batches,
+    train_loader,
+)
 
 from .compose import to_yaml
 from .config import ConfigError, JobConfig
@@ -37,10 +44,11 @@ from .model.hf import build_hf_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader]:
-    return make_data(
-        cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size
-    )
+def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, PackedRows | None]:
+    """Tokenizer, this rank's training loader and the validation rows (``data.val_fraction > 0``)."""
+    data = build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed)
+    loader = train_loader(data, cfg.data, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
+    return data.tokenizer, loader, data.val
 
 
 def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
@@ -113,6 +121,7 @@ class Job:
     scheduler: Any
     checkpointer: SyncCheckpointer
     start_step: int
+    val_rows: PackedRows | None = None
 
     def autocast(self):
         if self.cfg.train.dtype == "bfloat16":
@@ -153,6 +162,26 @@ class Job:
             seen_tokens=int(seen * mesh.dp_size),
             model_flops=flops * mesh.dp_size,
         )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss per target token over the validation rows (all ranks; ``train.eval_batches`` each)."""
+        mesh = self.mesh
+        loss_sum, num_tokens = 0.0, 0
+        for mb in eval_batches(
+            self.val_rows,
+            self.cfg.data.micro_batch_size,
+            mesh.dp_rank,
+            mesh.dp_size,
+            self.cfg.train.eval_batches,
+        ):
+            mb = mb.to(mesh.device)
+            with self.autocast():
+                out = self.model(input_ids=mb.input_ids, labels=mb.labels, position_ids=mb.position_ids)
+            loss_sum += out.loss_sum.item()
+            num_tokens += out.num_tokens
+        loss_sum, num_tokens = all_reduce_sum(loss_sum, mesh), all_reduce_sum(num_tokens, mesh)
+        return {"val_loss": loss_sum / max(num_tokens, 1), "val_tokens": int(num_tokens)}
 
     def _flops(self, mb: MicroBatch) -> float:
         spans = DocSpans.from_position_ids(mb.position_ids).spans
@@ -210,7 +239,9 @@ class Job:
                 window_tokens += result.seen_tokens
                 window_flops += result.model_flops
                 writer.step_done()
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                last = step == cfg.train.steps
+                metrics: dict[str, Any] = {}
+                if step % cfg.train.log_every == 0 or last:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     metrics = {
                         "step": step,
@@ -224,9 +255,16 @@ class Job:
                         "mem_peak_bytes": peak_memory_bytes(mesh.device),
                         **self.model.layer_executor_stats(),
                     }
+                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                if self.val_rows is not None and (
+                    last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+                ):
+                    eval_start = time.perf_counter()
+                    metrics = {"step": step, **metrics, **self.evaluate()}
+                    window_start += time.perf_counter() - eval_start  # not training throughput
+                if metrics:
                     writer.log(metrics)
                     logged.append(metrics)
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if self.checkpointer.should_save(step, cfg.train.steps):
                     self.checkpointer.save(
                         step, self.model, self.optimizer, self.scheduler, self.loader.state_dict()
@@ -250,7 +288,7 @@ def wandb_run_id(output_dir: str) -> str:
 def prepare(cfg: JobConfig) -> Job:
     """Everything before the first step: mesh, data, model, optimizer, checkpoint resume."""
     mesh = init_mesh(cfg.parallel, cfg.train.device)
-    tokenizer, loader = build_data(cfg, mesh)
+    tokenizer, loader, val_rows = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
     optimizer, scheduler = build_optimizer(cfg, model)
     checkpointer = build_checkpointer(cfg, mesh, model)
@@ -271,7 +309,7 @@ def prepare(cfg: JobConfig) -> Job:
     if mesh.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-    return Job(cfg, mesh, tokenizer, loader, model, optimizer, scheduler, checkpointer, start_step)
+    return Job(cfg, mesh, tokenizer, loader, model, optimizer, scheduler, checkpointer, start_step, val_rows)
 
 
 def train(cfg: JobConfig) -> list[dict[str, Any]]:

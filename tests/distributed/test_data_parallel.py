@@ -61,7 +61,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def test_two_process_training_matches_one_process(tmp_path, longtrain_cmd):
     """`longtrain train --nproc 2` end to end. The loader gives rank r of 2 (1 row each) the same
     rows as one process with 2 rows per micro-batch, so in float64 the two runs log the same
-    losses and gradient norms (up to summation order). Only rank 0 writes."""
+    losses, gradient norms and validation losses (up to summation order). Only rank 0 writes."""
     overrides = [
         "train.steps=3",
         "optim.warmup_steps=1",
@@ -69,6 +69,8 @@ def test_two_process_training_matches_one_process(tmp_path, longtrain_cmd):
         "train.dtype=float64",
         "train.grad_accum=1",
         "train.log_every=1",
+        "train.eval_every=2",
+        "data.val_fraction=0.05",
         "logging.progress=false",
         "logging.peak_flops=1e12",
     ]
@@ -102,3 +104,7 @@ def test_two_process_training_matches_one_process(tmp_path, longtrain_cmd):
         assert a["loss_tokens"] == b["loss_tokens"] and a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) <= 1e-10 * a["loss"], (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-9 * a["grad_norm"], (a, b)
+        assert ("val_loss" in a) == ("val_loss" in b) == (a["step"] in (2, 3))
+        if "val_loss" in a:  # the two ranks split the validation rows; the sums are all-reduced
+            assert a["val_tokens"] == b["val_tokens"]
+            assert abs(a["val_loss"] - b["val_loss"]) <= 1e-10 * a["val_loss"], (a, b)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from longtrain.optim import lr_factor
 from longtrain.trainer.cli import main
 from longtrain.trainer.compose import compose
-from longtrain.trainer.train import Job, train
+from longtrain.trainer.train import Job, prepare, train
 
 METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_peak_bytes")
 FAST = [
@@ -57,6 +57,52 @@ def test_tiny_cpu_trains_logs_and_checkpoints(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
     state = json.loads((out / "checkpoints" / "step-000012" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["data"]["consumed_microbatches"] == 12
+
+
+def test_validation_loss_is_logged_and_equals_a_plain_pass(tmp_path):
+    """data.val_fraction holds documents out; train.eval_every logs val_loss (also between log steps
+    and after the last step), equal to a plain forward over every validation row with the final weights."""
+    out = tmp_path / "run"
+    cfg = compose(
+        "tiny_cpu",
+        [
+            *FAST,
+            "train.dtype=float64",
+            "train.steps=8",
+            "optim.warmup_steps=2",
+            "train.log_every=3",
+            "train.eval_every=4",
+            "data.val_fraction=0.05",
+            "checkpoint.every=100",
+            f"output_dir={out}",
+        ],
+    )
+    job = prepare(cfg)
+    try:
+        logged = job.run()
+        assert [(r["step"], "loss" in r, "val_loss" in r) for r in logged] == [
+            (3, True, False),
+            (4, False, True),  # a validation-only line
+            (6, True, False),
+            (8, True, True),
+        ]
+        assert read_metrics(out) == logged
+        rows, loss_sum, tokens = job.val_rows, 0.0, 0
+        assert len(rows) >= 2
+        with torch.no_grad():
+            for i in range(len(rows)):  # one row at a time (no grad: the executor runs the layers plainly)
+                sl = slice(i, i + 1)
+                o = job.model(
+                    input_ids=rows.input_ids[sl].long(),
+                    labels=rows.labels[sl].long(),
+                    position_ids=rows.position_ids[sl].long(),
+                )
+                loss_sum, tokens = loss_sum + o.loss_sum.item(), tokens + o.num_tokens
+        assert logged[-1]["val_tokens"] == tokens
+        assert logged[-1]["val_loss"] == pytest.approx(loss_sum / tokens, rel=1e-12)
+        assert logged[1]["val_loss"] > logged[-1]["val_loss"]  # it learns on held-out text too
+    finally:
+        job.close()
 
 
 class Crash(RuntimeError):

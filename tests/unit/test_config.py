@@ -146,6 +146,10 @@ def test_missing_recipe_file(tmp_path):
         ("data.micro_batch_size=0", "data.micro_batch_size must be a positive int, got 0"),
         ("model.hidden_size=null", "model.hidden_size must not be null"),
         ("train.steps=[1,2]", "train.steps must be int"),
+        ("train.eval_every=-1", "train.eval_every must be an int >= 0, got -1"),
+        ("train.eval_batches=0", "train.eval_batches must be a positive int, got 0"),
+        ("train.eval_every=10", "train.eval_every=10 needs a validation split: set data.val_fraction"),
+        ("activation.trim_heap=maybe", "activation.trim_heap must be true, false or 'auto', got 'maybe'"),
     ],
 )
 def test_invalid_value_is_one_line_naming_the_key(override, expected):

@@ -372,7 +372,11 @@ def test_file_tier_trims_the_heap_at_layer_boundaries_without_changing_results(t
 
 @pytest.mark.parametrize(
     "cfg, trims",
-    [({"tier": "host"}, 0), ({"tier": "host", "trim_heap": True}, 2), ({"tier": "file", "trim_heap": False}, 0)],
+    [
+        ({"tier": "host"}, 0),
+        ({"tier": "host", "trim_heap": True}, 2),
+        ({"tier": "file", "trim_heap": False}, 0),
+    ],
 )
 def test_trim_heap_setting(tmp_path, cfg, trims):
     if cfg.get("trim_heap") and not heap.heap_trim_available():
@@ -408,7 +412,9 @@ before = proc.memory_info().rss
 HeapTrimmer(True)()
 print((before - proc.memory_info().rss) / 2**20)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if out == "skip":
         pytest.skip("needs glibc malloc_trim")
     assert float(out) > 200  # MiB handed back

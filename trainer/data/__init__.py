@@ -9,9 +9,9 @@ See ``pipeline.py`` for the steps and ``packing.py`` for the row layout.
 """
 
 from longtrain.trainer.data.config import DataConfig
-from longtrain.trainer.data.loader import MicroBatch, PackedLoader
+from longtrain.trainer.data.loader import MicroBatch, PackedLoader, eval_batches
 from longtrain.trainer.data.packing import IGNORE_INDEX, PackedRows, pack_documents
-from longtrain.trainer.data.pipeline import PackedData, build_data, build_datasets
+from longtrain.trainer.data.pipeline import PackedData, build_data, build_datasets, train_loader
 from longtrain.trainer.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "Tokenizer",
     "build_data",
     "build_datasets",
+    "eval_batches",
     "load_tokenizer",
     "pack_documents",
+    "train_loader",
 ]

@@ -11,6 +11,7 @@ disjoint rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,3 +141,24 @@ class PackedLoader:
                 "the same data.*, train.seq_len, seed and data-parallel size"
             )
         self.consumed_microbatches = int(state["consumed_microbatches"])
+
+
+def eval_batches(
+    rows: PackedRows,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_world: int = 1,
+    max_batches: int | None = None,
+) -> Iterator[MicroBatch]:
+    """One pass over ``rows`` in order, for evaluation: rank r takes micro-batches r, r + world, ...
+    (the last one may be short; a rank may get none), at most ``max_batches`` of them."""
+    starts = range(dp_rank * micro_batch_size, len(rows), dp_world * micro_batch_size)
+    for n, start in enumerate(starts):
+        if max_batches is not None and n >= max_batches:
+            return
+        sl = slice(start, start + micro_batch_size)
+        yield MicroBatch(
+            input_ids=rows.input_ids[sl].long(),  # [b, s]
+            labels=rows.labels[sl].long(),
+            position_ids=rows.position_ids[sl].long(),
+        )
