@@ -7,8 +7,13 @@ the heap's high-water mark, not the bytes held: offloading a layer to the file t
 tensors but not its pages. ``malloc_trim(0)`` returns the free pages of every arena (madvise), so
 calling it once per layer boundary makes RSS track what the executor really holds.
 
-The cost is one heap walk per call plus page faults when the memory is reused; the token-wise
-executor calls it only where memory is the point (the file tier on a CPU device, by default).
+The cost is one heap walk per call plus page faults when the memory is reused. Measured on the
+benchmark model (32 layers, hidden 128, file tier, keep_last 0, 8K tokens, 2 cores): peak RSS
+1.85 -> 0.77 GiB, step ~20.6 -> ~26 s (noisy, +15-25%). Trimming only in forward or only in
+backward kept 1.42 / 1.36 GiB; every second boundary 0.84 GiB for the same time; trimming only
+when RSS exceeds the heap bytes in use by 25% still trimmed at every boundary (each layer's
+mid-layer peak is freed by the next boundary). So the token-wise executor trims at every offloaded
+layer boundary, and only where memory is the point (the file tier on a CPU device, by default).
 On CUDA the activations live in the caching allocator's device memory, which this does not touch.
 """
 

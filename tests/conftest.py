@@ -1,7 +1,8 @@
 """Shared test setup: offline environment, tiny HF models, the ``gpu`` marker.
 
 Tests run with ``--import-mode=importlib``, so helpers reach test modules as fixtures
-(``make_tiny_model``, ``longtrain_cmd``, ``free_port``), not by importing this file.
+(``make_tiny_model``, ``longtrain_cmd``, ``free_port``, ``one_intra_op_thread``), not by importing
+this file; model builders live in ``tests/tiny.py``, importable as ``tiny``.
 
 The environment variables are set at import time (before any test module imports transformers,
 datasets or wandb) so that in-process runs and every subprocess a test starts inherit them.
@@ -25,36 +26,18 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
-from longtrain.trainer.config import ModelConfig  # noqa: E402
-from longtrain.trainer.model.hf import build_hf_model  # noqa: E402
-
-# Tiny sizes per family: llama with GQA (4 query heads share 2 kv heads), qwen2 with q/k/v
-# biases, mistral without a sliding window. Large enough that every code path is exercised.
-TINY_SIZES = dict(
-    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48, vocab_size=97
-)
+from tiny import tiny_hf_model  # noqa: E402  (tests/ is on sys.path: pyproject's pytest pythonpath)
 
 
-def tiny_model_config(family: str = "llama", **overrides) -> ModelConfig:
-    return ModelConfig(**{"family": family, **TINY_SIZES, **overrides})
-
-
-def tiny_hf_model(family: str = "llama", *, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
-    """A randomly initialised tiny HF causal LM (``build_hf_model``), made "non-degenerate":
-
-    HF initialises biases to 0 and norm weights to 1, which would hide a dropped bias or norm
-    weight; here they are random too, and weights use std 0.1 so attention is far from uniform.
-    """
-    cfg = tiny_model_config(family, **{"init_std": 0.1, **overrides})
-    torch.manual_seed(seed)
-    model = build_hf_model(cfg, vocab_size=cfg.vocab_size, seq_len=128, dtype=dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    return model.eval()  # no dropout anywhere (attention_dropout=0 as well)
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and on 2 cores OpenMP's spinning threads
+    fight the executor's copy threads and any concurrent process (measured: 5x slower under load).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

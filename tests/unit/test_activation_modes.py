@@ -18,49 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_adapted_model
 
 import longtrain.trainer.model.adapter as adapter_mod
 from longtrain.offload import ActivationConfig, apply_activation_memory
-from longtrain.trainer.model.adapter import adapt
-from longtrain.trainer.model.hf import build_hf_model
 
 VOCAB = 101
 ALPHAS = (0.0, 0.3, 0.77, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on 2 cores OpenMP's spinning threads
-    fight the executor's copy threads and any concurrent process (measured: 5x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def tiny_model(family="llama", dtype=torch.float64, *, layers=4, backend="cpu_flash", seed=0):
-    """hidden 64, 4 query heads sharing 2 kv heads (GQA), ffn 192 (HF default rounding).
-
-    HF initialises biases to 0 and norm weights to 1, which would hide a rebuilt row that dropped
-    a bias or a norm weight; both are random here."""
-    cfg = SimpleNamespace(
-        family=family, path=None, hidden_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
-        intermediate_size=None, head_dim=None, vocab_size=VOCAB, max_position_embeddings=None,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, sliding_window=None, init_std=0.02,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    hf = build_hf_model(cfg, vocab_size=VOCAB, seq_len=64, dtype=dtype)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    return adapt(hf, backend)
+def tiny_model(family="llama", dtype=torch.float64, **kw):
+    """hidden 64, 4 query heads sharing 2 kv heads (GQA), ffn 192 (HF default rounding); biases and
+    norm weights random (HF's 0 and 1 would hide a rebuilt row that dropped one)."""
+    return tiny_adapted_model(family, dtype, vocab=VOCAB, **kw)
 
 
 def batch(b=1, s=64, seed=1, packed=False):

@@ -19,47 +19,25 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_adapted_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from longtrain.offload import activation_stats, apply_activation_memory, cost, heap, profile, store
-from longtrain.trainer.model.adapter import LayerContext, adapt, run_layer
+from longtrain.trainer.model.adapter import LayerContext, run_layer
 from longtrain.trainer.model.attention import DocSpans
-from longtrain.trainer.model.hf import build_hf_model
 
 VOCAB = 101
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on 2 cores OpenMP's spinning threads
-    fight the executor's copy threads and any concurrent process (measured: 5x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def tiny_model(family="llama", dtype=torch.float64, *, layers=4, hidden=64, heads=4, kv_heads=2,
-               ffn=None, head_dim=None, backend="cpu_flash"):  # fmt: skip
-    cfg = SimpleNamespace(
-        family=family, path=None, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, intermediate_size=ffn, head_dim=head_dim, vocab_size=VOCAB,
-        max_position_embeddings=None, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False,
-        sliding_window=None, init_std=0.02,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = build_hf_model(cfg, vocab_size=VOCAB, seq_len=64, dtype=dtype)
-    with torch.no_grad():  # non-trivial biases and norm weights (HF: 0 and 1)
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    return adapt(hf, backend)
+def tiny_model(family="llama", dtype=torch.float64, **kw):
+    """hidden 64, 4 query heads sharing 2 kv heads (GQA), random biases and norm weights."""
+    return tiny_adapted_model(family, dtype, vocab=VOCAB, **kw)
 
 
 def dims(model):

@@ -36,6 +36,18 @@ __all__ = ["cross_entropy_reference", "linear_cross_entropy"]
 _REDUCTIONS = ("sum", "none")
 
 
+def check_loss_args(hidden_th: Tensor, weight_vh: Tensor, targets_t: Tensor, reduction: str) -> None:
+    """Shapes and reduction shared by the torch and Triton implementations."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if hidden_th.dim() != 2 or weight_vh.dim() != 2 or hidden_th.shape[1] != weight_vh.shape[1]:
+        raise ValueError(
+            f"expected hidden [t, h] and weight [V, h], got {tuple(hidden_th.shape)} and {tuple(weight_vh.shape)}"
+        )
+    if targets_t.shape != hidden_th.shape[:1]:
+        raise ValueError(f"targets must have shape [{hidden_th.shape[0]}], got {tuple(targets_t.shape)}")
+
+
 def cross_entropy_reference(
     hidden: Tensor,
     weight: Tensor,
@@ -74,16 +86,9 @@ def linear_cross_entropy(
     Returns:
         The loss in float32 (float64 if an input is float64).
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_loss_args(hidden_th, weight_vh, targets_t, reduction)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    if hidden_th.dim() != 2 or weight_vh.dim() != 2 or hidden_th.shape[1] != weight_vh.shape[1]:
-        raise ValueError(
-            f"expected hidden [t, h] and weight [V, h], got {tuple(hidden_th.shape)} and {tuple(weight_vh.shape)}"
-        )
-    if targets_t.shape != hidden_th.shape[:1]:
-        raise ValueError(f"targets must have shape [{hidden_th.shape[0]}], got {tuple(targets_t.shape)}")
     inputs = (hidden_th, weight_vh, bias_v)
     grads_wanted = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     return _LinearCrossEntropy.apply(

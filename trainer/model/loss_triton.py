@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longtrain.trainer.model.loss import linear_cross_entropy
+from longtrain.trainer.model.loss import check_loss_args, linear_cross_entropy
 
 try:
     import triton
@@ -39,8 +39,6 @@ except ImportError:  # triton ships for linux x86_64 only
     triton = None
 
 __all__ = ["fused_linear_cross_entropy", "triton_available", "triton_linear_cross_entropy"]
-
-_REDUCTIONS = ("sum", "none")
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -102,17 +100,10 @@ def triton_linear_cross_entropy(
     """
     if triton is None:
         raise RuntimeError("triton_linear_cross_entropy needs triton; use fused_linear_cross_entropy")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_loss_args(hidden_th, weight_vh, targets_t, reduction)
     for name, block in (("block_t", block_t), ("block_v", block_v), ("block_h", block_h)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {block}")
-    if hidden_th.dim() != 2 or weight_vh.dim() != 2 or hidden_th.shape[1] != weight_vh.shape[1]:
-        raise ValueError(
-            f"expected hidden [t, h] and weight [V, h], got {tuple(hidden_th.shape)} and {tuple(weight_vh.shape)}"
-        )
-    if targets_t.shape != hidden_th.shape[:1]:
-        raise ValueError(f"targets must have shape [{hidden_th.shape[0]}], got {tuple(targets_t.shape)}")
     blocks = (block_t, block_v, block_h, num_warps)
     return _TritonLinearCrossEntropy.apply(
         hidden_th, weight_vh, bias_v, targets_t, ignore_index, reduction, blocks
@@ -177,6 +168,27 @@ if triton is not None:
         return tgt, lse, tl.where(tgt != ignore_index, scale, 0.0)
 
     @triton.jit
+    def _add_product(
+        out_ptr, out_idx, out_mask, lhs, src_ptr, src_idx, src_mask, stride_src, H,
+        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):  # fmt: skip
+        """out[out_idx, :H] += lhs @ src[src_idx, :H], one BLOCK_H slice of columns at a time.
+
+        out is [*, H] contiguous fp32; lhs is [len(out_idx), len(src_idx)] in DOT_DTYPE."""
+        for h0 in range(0, H, BLOCK_H):
+            ks = h0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            src = tl.load(
+                src_ptr + src_idx[:, None] * stride_src + ks[None, :],
+                mask=src_mask[:, None] & k_mask[None, :], other=0.0,
+            )  # fmt: skip
+            g_ptrs = out_ptr + out_idx[:, None] * H + ks[None, :]
+            g_mask = out_mask[:, None] & k_mask[None, :]
+            g = tl.load(g_ptrs, mask=g_mask, other=0.0)
+            g = _dot(lhs, src, g, DOT_DTYPE, PRECISION, UPCAST_DOT)
+            tl.store(g_ptrs, g, mask=g_mask)
+
+    @triton.jit
     def _fwd_kernel(
         hidden_ptr, weight_ptr, bias_ptr, targets_ptr, loss_ptr, lse_ptr,
         T, V, H, stride_ht, stride_wv, ignore_index,
@@ -222,19 +234,11 @@ if triton is not None:
                 HAS_BIAS, DOT_DTYPE, PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             d_logits = _d_logits_tile(logits, lse, scale, tgt, cols).to(DOT_DTYPE)  # once, not per h slice
-            for h0 in range(0, H, BLOCK_H):
-                ks = h0 + tl.arange(0, BLOCK_H)
-                k_mask = ks < H
-                w = tl.load(
-                    weight_ptr + cols[:, None] * stride_wv + ks[None, :],
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0,
-                )  # fmt: skip
-                # grad_hidden is [T, H] contiguous fp32; only this program touches these rows.
-                g_ptrs = grad_hidden_ptr + rows[:, None] * H + ks[None, :]
-                g_mask = row_mask[:, None] & k_mask[None, :]
-                g = tl.load(g_ptrs, mask=g_mask, other=0.0)
-                g = _dot(d_logits, w, g, DOT_DTYPE, PRECISION, UPCAST_DOT)
-                tl.store(g_ptrs, g, mask=g_mask)
+            # grad_hidden[rows] += d_logits @ W[cols]; only this program touches these rows
+            _add_product(
+                grad_hidden_ptr, rows, row_mask, d_logits, weight_ptr, cols, col_mask, stride_wv, H,
+                DOT_DTYPE, PRECISION, UPCAST_DOT, BLOCK_H,
+            )  # fmt: skip
 
     @triton.jit
     def _grad_weight_kernel(
@@ -260,19 +264,11 @@ if triton is not None:
                 grad_bias += tl.sum(d_logits, axis=0)
             if NEED_GRAD_WEIGHT:
                 d_logits_t = tl.trans(d_logits.to(DOT_DTYPE))  # [BLOCK_V, BLOCK_T]
-                for h0 in range(0, H, BLOCK_H):
-                    ks = h0 + tl.arange(0, BLOCK_H)
-                    k_mask = ks < H
-                    x = tl.load(
-                        hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-                    )  # fmt: skip
-                    # grad_weight is [V, H] contiguous fp32; only this program touches these columns.
-                    g_ptrs = grad_weight_ptr + cols[:, None] * H + ks[None, :]
-                    g_mask = col_mask[:, None] & k_mask[None, :]
-                    g = tl.load(g_ptrs, mask=g_mask, other=0.0)
-                    g = _dot(d_logits_t, x, g, DOT_DTYPE, PRECISION, UPCAST_DOT)
-                    tl.store(g_ptrs, g, mask=g_mask)
+                # grad_weight[cols] += d_logits^T @ hidden[rows]; only this program touches these columns
+                _add_product(
+                    grad_weight_ptr, cols, col_mask, d_logits_t, hidden_ptr, rows, row_mask, stride_ht, H,
+                    DOT_DTYPE, PRECISION, UPCAST_DOT, BLOCK_H,
+                )  # fmt: skip
         if NEED_GRAD_BIAS:
             tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
 
