@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from longtrain.trainer.compose import compose
-from longtrain.trainer.train import train
-
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_dp_grad_worker.py")
@@ -98,8 +95,18 @@ def test_two_process_training_matches_one_process(tmp_path, longtrain_cmd):
     rows_two = read_metrics(two)
     assert [r["step"] for r in rows_two] == [1, 2, 3]  # one line per step: rank 1 wrote nothing
 
+    # The one-process run is a fresh process too. Run in-process (inside pytest, after other tests)
+    # its step-1 loss once differed by 3.9e-8 (5e-9 relative) in float64 on CI; standalone runs
+    # reproduce the two-process value exactly. Under investigation (issue 3 closing note, session 2).
     one = tmp_path / "one"
-    rows_one = train(compose("tiny_cpu", [*overrides, "data.micro_batch_size=2", f"output_dir={one}"]))
+    proc = subprocess.run(
+        [*longtrain_cmd, "train", "tiny_cpu", *overrides, "data.micro_batch_size=2", f"output_dir={one}"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_one = read_metrics(one)
     for a, b in zip(rows_one, rows_two, strict=True):
         assert a["loss_tokens"] == b["loss_tokens"] and a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) <= 1e-10 * a["loss"], (a, b)
