@@ -90,32 +90,23 @@ def activation_cfg(system: str, file_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------------ worker side
 def _build(spec: dict, seq_len: int, system: str, file_dir: str):
-    from types import SimpleNamespace
-
     import torch
 
     from longtrain.offload import apply_activation_memory
+    from longtrain.trainer.config import ModelConfig
     from longtrain.trainer.model.adapter import adapt
     from longtrain.trainer.model.hf import build_hf_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)  # same weights in every worker
-    sizes = SimpleNamespace(
+    sizes = ModelConfig(
         family="llama",
-        path=None,
         hidden_size=spec["hidden"],
         num_layers=spec["layers"],
         num_heads=spec["heads"],
         num_kv_heads=spec["kv_heads"],
         intermediate_size=spec["intermediate"],
-        head_dim=None,
         vocab_size=VOCAB,
-        max_position_embeddings=None,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_embeddings=False,
-        sliding_window=None,
-        init_std=0.02,
     )
     hf = build_hf_model(sizes, vocab_size=VOCAB, seq_len=seq_len, dtype=torch.float32)
     model = apply_activation_memory(adapt(hf, "cpu_flash"), activation_cfg(system, file_dir))
@@ -368,6 +359,10 @@ def _code_version() -> str:
     return f"{head.stdout.strip() or 'unknown'}+src:{digest.hexdigest()[:10]}"
 
 
+def _table_header(cols: list[str]) -> None:
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -411,7 +406,7 @@ def report(timing: dict, search: dict, args) -> dict:
         "peak RSS GiB",
         "loss",
     ]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    _table_header(cols)
     for L in lengths:
         t = timing[L]
         for s in SYSTEMS:
@@ -434,7 +429,7 @@ def report(timing: dict, search: dict, args) -> dict:
         "heap trims",
         "trim s",
     ]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    _table_header(cols)
     for L in lengths:
         for s in ("tokenwise", "tokenwise_file"):
             a = timing[L][s]["activation"]

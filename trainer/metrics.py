@@ -17,6 +17,15 @@ from typing import Any
 import torch
 
 # Dense bf16 peak FLOP/s of common accelerators (vendor datasheets, without sparsity).
+# metric -> (console name, format) for the progress bar / printed line
+_CONSOLE_FIELDS = {
+    "loss": ("loss", lambda v: f"{v:.4f}"),
+    "val_loss": ("val_loss", lambda v: f"{v:.4f}"),
+    "lr": ("lr", lambda v: f"{v:.2e}"),
+    "tokens_per_s": ("tok_s", lambda v: f"{v:.0f}"),
+    "mem_peak_bytes": ("mem", lambda v: f"{v / 2**20:.0f}MiB"),
+}
+
 _GPU_PEAK_BF16 = {
     "H200": 989e12,
     "H100": 989e12,
@@ -131,15 +140,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(metrics) + "\n")
-        shown = {  # a validation-only line (train.eval_every between log steps) has just val_*
-            "loss": lambda v: f"{v:.4f}",
-            "val_loss": lambda v: f"{v:.4f}",
-            "lr": lambda v: f"{v:.2e}",
-            "tokens_per_s": lambda v: f"{v:.0f}",
-            "mem_peak_bytes": lambda v: f"{v / 2**20:.0f}MiB",
-        }
-        names = {"tokens_per_s": "tok_s", "mem_peak_bytes": "mem"}
-        fields = {names.get(k, k): fmt(metrics[k]) for k, fmt in shown.items() if k in metrics}
+        # a validation-only line (train.eval_every between log steps) has just step and val_*
+        fields = {name: fmt(metrics[key]) for key, (name, fmt) in _CONSOLE_FIELDS.items() if key in metrics}
         if self.bar is not None:
             fields.pop("lr", None)
             self.bar.set_postfix(fields, refresh=False)

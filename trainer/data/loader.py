@@ -44,6 +44,15 @@ class MicroBatch:
         )
 
 
+def rows_batch(rows: PackedRows, idx: torch.Tensor | slice) -> MicroBatch:
+    """The micro-batch made of ``rows[idx]`` (int64 copies of the packed int32 rows)."""
+    return MicroBatch(
+        input_ids=rows.input_ids[idx].long(),  # [b, s]
+        labels=rows.labels[idx].long(),  # [b, s]
+        position_ids=rows.position_ids[idx].long(),  # [b, s]
+    )
+
+
 class PackedLoader:
     """Infinite iterator of ``MicroBatch`` for rank ``dp_rank`` of ``dp_world``."""
 
@@ -99,12 +108,7 @@ class PackedLoader:
 
     def batch(self, g: int) -> MicroBatch:
         """This rank's global micro-batch ``g`` (does not move the iterator)."""
-        idx = self.row_indices(g)  # [b]
-        return MicroBatch(
-            input_ids=self.rows.input_ids[idx].long(),  # [b, s]
-            labels=self.rows.labels[idx].long(),  # [b, s]
-            position_ids=self.rows.position_ids[idx].long(),  # [b, s]
-        )
+        return rows_batch(self.rows, self.row_indices(g))
 
     def __iter__(self) -> PackedLoader:
         return self
@@ -156,9 +160,4 @@ def eval_batches(
     for n, start in enumerate(starts):
         if max_batches is not None and n >= max_batches:
             return
-        sl = slice(start, start + micro_batch_size)
-        yield MicroBatch(
-            input_ids=rows.input_ids[sl].long(),  # [b, s]
-            labels=rows.labels[sl].long(),
-            position_ids=rows.position_ids[sl].long(),
-        )
+        yield rows_batch(rows, slice(start, start + micro_batch_size))
