@@ -94,8 +94,8 @@ def resolve_alpha(
     alpha = tokenwise_alpha(
         int(whole_pt * t), int(rows_pt * t), layer_s, bandwidth, n_offloaded, default_budget(cfg)
     )
-    # The executor offloads round(alpha * t) rows; rounding up could overrun the budget (and the copy
-    # time) by half a row per layer, so cut at a whole row count.
+    # The executor cuts at split_row(alpha, t) <= round(alpha * t) rows; rounding up could overrun the
+    # budget (and the copy time) by half a row per layer, so cut at a whole row count.
     alpha = math.floor(alpha * t) / t
     executor.profile = {
         "layer_forward_s": layer_s,

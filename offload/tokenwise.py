@@ -6,7 +6,7 @@ it saves for backward passes through ``torch.autograd.graph.saved_tensors_hooks`
     parameters (and their autocast casts), RoPE tables   kept by reference (resident anyway)
     layer input x, attention output + logsumexp           offloaded whole ("whole" tensors)
     views of a whole tensor                               remembered as (whole, size, stride, offset)
-    every other saved tensor with t token rows            first a = round(alpha * t) rows offloaded,
+    every other saved tensor with t token rows            first a = split_row(alpha, t) rows offloaded,
                                                           rows [a, t) dropped
     anything else (scalars)                               kept on the device
 
@@ -34,6 +34,7 @@ from torch import Tensor
 from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 
 from .copy_engine import Copy
+from .cost import split_row
 from .heap import HeapTrimmer
 
 
@@ -182,7 +183,7 @@ class TokenwiseExecutor:
         t = x_th.shape[0]
         if self.alpha_resolver is not None and (self.alpha == "auto" or self._alpha_t != t):
             self.alpha, self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
-        a = int(round(self.alpha * t))
+        a = split_row(self.alpha, t)
         self._kept_shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
         for parts in layers:
             if parts.index < n_offloaded:

@@ -181,7 +181,7 @@ def test_host_bytes_match_the_skeletal_formula(case):
     model = tiny_model(family, dtype, layers=4, **sizes)
     d = dims(model)
     whole, rows = skeletal_bytes_per_token(**d)
-    n_off, a = 3, round(alpha * t)
+    n_off, a = 3, cost.split_row(alpha, t)
     ids = ids_of(t)
 
     # The formula describes what HF saves, independently of the executor's bookkeeping.
@@ -253,7 +253,7 @@ def test_device_peak_is_bounded_and_far_below_plain():
     for keep_last in (1, 2):
         for alpha in (0.0, 0.5, 1.0):
             _, _, _, stats = forward_backward(model, ids, tokenwise(alpha, keep_last))
-            staging = whole + (rows if round(alpha * t) else 0)
+            staging = whole + (rows if cost.split_row(alpha, t) else 0)
             bound = keep_last * P + 2 * staging + whole + rows
             peak = stats["device_peak_bytes"]
             assert keep_last * P <= peak <= bound, (keep_last, alpha, peak, bound)
@@ -296,7 +296,7 @@ def test_recompute_covers_only_dropped_rows_and_never_attention(t):
     for alpha in (0.0, 0.3, 0.77, 1.0):
         tw = flops(model, ids, tokenwise(alpha))
         extra = {op: tw.get(op, 0) - plain.get(op, 0) for op in set(tw) | set(plain)}
-        dropped = t - round(alpha * t)
+        dropped = t - cost.split_row(alpha, t)
         assert extra.get("aten.bmm", 0) == 0, extra
         assert sum(extra.values()) == n_off * dropped * row_wise_flops_per_token(**d), (alpha, extra)
 
@@ -320,7 +320,7 @@ def test_file_tier_matches_host_tier(tmp_path):
     )
     assert torch.equal(loss_f, loss_h)
     assert_grads_equal(grads_f, grads_h)
-    expected = 3 * (t * whole + round(alpha * t) * rows)
+    expected = 3 * (t * whole + cost.split_row(alpha, t) * rows)
     assert host["host_bytes"] == expected and host["file_bytes"] == 0
     assert fwd["file_bytes"] == expected and fwd["host_bytes"] == 0
     [path] = activation_files(tmp_path)
@@ -541,7 +541,7 @@ def test_auto_alpha_resolves_and_profiles():
     executor = model.layer_executor
     assert isinstance(executor.alpha, float) and 0.0 <= executor.alpha <= 1.0
     assert stats["alpha"] == executor.alpha
-    assert stats["offload_rows_per_layer"] == round(executor.alpha * t)
+    assert stats["offload_rows_per_layer"] == cost.split_row(executor.alpha, t)
     prof = executor.profile
     assert prof["layer_forward_s"] > 0 and prof["copy_bytes_per_s"] > 0
     assert (prof["whole_bytes_per_token"], prof["row_bytes_per_token"]) == (whole, rows)
@@ -551,16 +551,17 @@ def test_auto_alpha_resolves_and_profiles():
 
 def test_auto_alpha_respects_the_host_budget(monkeypatch):
     """A link fast enough to hide any copy: alpha is memory-bound and the host bytes fit the budget.
-    The budget allows 25.6 rows per layer; rounding alpha * t to 26 rows would overrun it."""
+    The budget allows 31.6 rows per layer; rounding alpha * t to 32 rows (a tile boundary) would
+    overrun it, so alpha is cut to 31 rows and the executor offloads the tile below, 24 rows."""
     monkeypatch.setattr(profile, "copy_bandwidth", lambda *args, **kwargs: 1e18)
     model = tiny_model()
     whole, rows = skeletal_bytes_per_token(**dims(model))
     t, n_off = 64, 3
-    budget = int(n_off * (t * whole + 25.6 * rows))
+    budget = int(n_off * (t * whole + 31.6 * rows))
     _, _, stats, _ = forward_backward(model, ids_of(t), tokenwise("auto", host_budget_bytes=budget))
-    assert stats["offload_rows_per_layer"] == 25
-    assert stats["alpha"] == 25 / t
-    assert stats["host_bytes"] == n_off * (t * whole + 25 * rows) <= budget
+    assert stats["alpha"] == 31 / t
+    assert stats["offload_rows_per_layer"] == 24
+    assert stats["host_bytes"] == n_off * (t * whole + 24 * rows) <= budget
     close(model)
 
 
@@ -597,8 +598,19 @@ def test_tokenwise_alpha_raises_when_whole_tensors_exceed_the_budget():
     assert cost.tokenwise_alpha(100, 1000, 1.0, 600.0, 4, 400) == 0.0  # exactly fits: alpha 0
 
 
+def test_split_row_cuts_on_a_tile_boundary():
+    """Rows are cut at round(alpha * t) rounded down to a multiple of ROW_ALIGN; alpha 1 keeps all."""
+    assert cost.ROW_ALIGN == 8
+    assert [cost.split_row(alpha, 37) for alpha in (0.0, 0.3, 0.77, 0.99, 1.0)] == [0, 8, 24, 37, 37]
+    assert [cost.split_row(alpha, 64) for alpha in (0.1, 0.5, 0.97)] == [0, 32, 56]
+    for t in (1, 7, 8, 9, 100):
+        for alpha in (0.0, 0.25, 0.5, 0.9, 1.0):
+            a = cost.split_row(alpha, t)
+            assert 0 <= a <= round(alpha * t) and (a == t or a % cost.ROW_ALIGN == 0), (alpha, t, a)
+
+
 def test_offloaded_bytes():
-    # 3 layers, t = 37 rows, a = round(0.5 * 37) = 18 (round half to even, as the executor)
-    assert cost.offloaded_bytes(37 * 10, 37 * 100, 0.5, 37, 3) == 3 * (370 + 18 * 100)
+    # 3 layers, t = 37 rows, a = round(0.5 * 37) = 18 (round half to even), cut down to a tile: 16
+    assert cost.offloaded_bytes(37 * 10, 37 * 100, 0.5, 37, 3) == 3 * (370 + 16 * 100)
     assert cost.offloaded_bytes(37 * 10, 37 * 100, 0.0, 37, 3) == 3 * 370
     assert cost.offloaded_bytes(37 * 10, 37 * 100, 1.0, 37, 0) == 0
