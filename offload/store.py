@@ -12,8 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def _bytes_of(t: Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a flat uint8 array (no copy; any dtype, bfloat16 too)."""
+    return t.view(torch.uint8).reshape(-1).numpy()
 
 
 class ActivationStore(Protocol):
@@ -42,7 +48,13 @@ class HostStore:
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
             buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
             self._buffers[key] = buf
-        buf.copy_(src, non_blocking=non_blocking)
+        if src.is_cuda or not src.is_contiguous():
+            buf.copy_(src, non_blocking=non_blocking)
+        else:
+            # CPU to CPU on the copy thread: one plain memcpy (numpy releases the GIL). ``Tensor.copy_``
+            # would start a second OpenMP team there, whose threads fight the compute threads for the
+            # same cores.
+            np.copyto(_bytes_of(buf), _bytes_of(src))
         self._live.add(key)
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor:
@@ -83,7 +95,7 @@ class FileStore:
         self._live: set[tuple] = set()
 
     def write(self, key: tuple, src: Tensor, non_blocking: bool = False) -> None:
-        data = src.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+        data = _bytes_of(src.detach().contiguous().cpu())
         region = self._regions.get(key)
         if region is None or region[1] != src.shape or region[2] != src.dtype:
             region = (self._end, src.shape, src.dtype)
@@ -102,7 +114,7 @@ class FileStore:
             raise RuntimeError(f"activation {key} was never offloaded (or was already released)")
         offset, shape, dtype = self._regions[key]
         out = torch.empty(shape, dtype=dtype)
-        buf = out.view(torch.uint8).reshape(-1).numpy()
+        buf = _bytes_of(out)
         got = os.preadv(self._fd, [buf], offset)
         if got != buf.nbytes:
             raise OSError(f"short read from the activation file {self.path} ({got} of {buf.nbytes} bytes)")
