@@ -500,6 +500,12 @@ def main() -> None:
     )
     parser.add_argument("--no-search", action="store_true", help="skip the longest-sequence search")
     parser.add_argument(
+        "--search-first",
+        action="store_true",
+        help="run the length search before the timed steps (its probes are judged by peak RSS alone, "
+        "so it can run while the machine is still busy; the timing then gets the quiet machine)",
+    )
+    parser.add_argument(
         "--mmap-threshold",
         type=int,
         default=None,
@@ -524,14 +530,21 @@ def main() -> None:
     args.file_dir = tempfile.mkdtemp(prefix="bench_activations_")
     try:
         with tempfile.TemporaryFile("w+") as args.log:
-            timing = {}
-            for L in lengths:
-                print(f"timing {L} tokens ({', '.join(SYSTEMS)})", flush=True)
-                timing[L] = time_length(L, args)
-            search = {}
-            for system in () if args.no_search else SEARCH_SYSTEMS:
-                print(f"length search {system} (budget {_gib(args.budget)} GiB)", flush=True)
-                search[system] = search_max_len(system, args)
+            timing: dict[int, dict] = {}
+            search: dict[str, dict] = {}
+
+            def run_timing() -> None:
+                for L in lengths:
+                    print(f"timing {L} tokens ({', '.join(SYSTEMS)})", flush=True)
+                    timing[L] = time_length(L, args)
+
+            def run_search() -> None:
+                for system in () if args.no_search else SEARCH_SYSTEMS:
+                    print(f"length search {system} (budget {_gib(args.budget)} GiB)", flush=True)
+                    search[system] = search_max_len(system, args)
+
+            for phase in (run_search, run_timing) if args.search_first else (run_timing, run_search):
+                phase()
     finally:
         shutil.rmtree(args.file_dir, ignore_errors=True)
     result = report(timing, search, args)
