@@ -64,12 +64,18 @@ def is_complete(path: Path) -> bool:
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.fullmatch(path.name)
+    assert match is not None  # only called on step-N directories
+    return int(match.group(1))
+
+
 def list_complete(root: Path) -> list[Path]:
     """Complete ``step-N`` directories, oldest first (``step-N.tmp``, ``step-N.old``... are ignored)."""
     if not root.is_dir():
         return []
     steps = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and is_complete(p)]
-    return sorted(steps, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+    return sorted(steps, key=_step_of)
 
 
 @dataclass

@@ -43,26 +43,26 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
     """Install the activation-memory technique of ``cfg.mode`` on ``model`` (adapted first if it is
     a plain HF model; the adapted model shares its parameters) and return the model."""
     cfg = _as_config(cfg)
-    model = adapt(model)
-    previous = getattr(model, "layer_executor", None)
+    lm = adapt(model)
+    previous: Any = getattr(lm, "layer_executor", None)
     if hasattr(previous, "close"):  # its copy threads and file-tier file
         previous.close()
     if cfg.mode == "none":
-        model.layer_executor = PlainExecutor()
+        lm.layer_executor = PlainExecutor()
     elif cfg.mode == "recompute":
-        model.layer_executor = RecomputeExecutor()
+        lm.layer_executor = RecomputeExecutor()
     elif cfg.mode == "offload":
-        model.layer_executor = OffloadAllExecutor()
+        lm.layer_executor = OffloadAllExecutor()
     else:
-        device = next(model.parameters()).device
+        device = next(lm.parameters()).device
         engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
         trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier)
         executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
         if cfg.alpha == "auto":
             executor.alpha_resolver = lambda layers, x, ctx: resolve_alpha(executor, layers, x, ctx, cfg)
-        model.layer_executor = executor
-    return model
+        lm.layer_executor = executor
+    return lm
 
 
 def activation_stats(model: nn.Module) -> dict[str, float]:

@@ -10,11 +10,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 def _bytes_of(t: Tensor) -> np.ndarray:
@@ -101,7 +104,8 @@ class FileStore:
             region = (self._end, src.shape, src.dtype)
             self._end += (data.nbytes + 4095) // 4096 * 4096
             self._regions[key] = region
-        written = os.pwrite(self._fd, data, region[0])
+        # an ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
+        written = os.pwrite(self._fd, cast("Buffer", data), region[0])
         if written != data.nbytes:
             raise OSError(
                 f"short write to the activation file {self.path} ({written} of {data.nbytes} bytes); "
@@ -115,7 +119,7 @@ class FileStore:
         offset, shape, dtype = self._regions[key]
         out = torch.empty(shape, dtype=dtype)
         buf = _bytes_of(out)
-        got = os.preadv(self._fd, [buf], offset)
+        got = os.preadv(self._fd, [cast("Buffer", buf)], offset)  # see write
         if got != buf.nbytes:
             raise OSError(f"short read from the activation file {self.path} ({got} of {buf.nbytes} bytes)")
         return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)

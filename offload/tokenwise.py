@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -55,7 +56,8 @@ def _is_param_like(t: Tensor, param_storages: set[int]) -> bool:
     if fn is not None and type(fn).__name__ == "ToCopyBackward0":
         nxt = fn.next_functions
         if len(nxt) == 1 and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad":
-            return _storage_key(nxt[0][0].variable) in param_storages
+            # .variable: the AccumulateGrad node's parameter (torch's Node stub does not declare it)
+            return _storage_key(cast(Any, nxt[0][0]).variable) in param_storages
     return False
 
 
@@ -133,7 +135,7 @@ class TokenwiseExecutor:
         self.engine = engine
         self.trim_heap = trim_heap or HeapTrimmer(False)
         self.alpha = alpha  # "auto" until alpha_resolver measured it on the first step
-        self.alpha_resolver = None
+        self.alpha_resolver: Callable[[list[LayerParts], Tensor, LayerContext], float] | None = None
         self.keep_last = keep_last
         self.param_storages = param_storages
         self.records: dict[int, _LayerRecord] = {}
@@ -183,7 +185,7 @@ class TokenwiseExecutor:
         t = x_th.shape[0]
         if self.alpha_resolver is not None and (self.alpha == "auto" or self._alpha_t != t):
             self.alpha, self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
-        a = split_row(self.alpha, t)
+        a = split_row(cast(float, self.alpha), t)  # "auto" was resolved just above
         self._kept_shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
         for parts in layers:
             if parts.index < n_offloaded:
@@ -267,7 +269,8 @@ class TokenwiseExecutor:
     def _add_whole(self, rec: _LayerRecord, tensor: Tensor) -> int:
         idx = len(rec.wholes)
         key = (rec.index, "whole", idx)
-        whole = _Whole(key=key, base_offset=tensor.storage_offset(), requires_grad=tensor.requires_grad)
+        offset = cast(int, tensor.storage_offset())  # a SymInt only under symbolic tracing
+        whole = _Whole(key=key, base_offset=offset, requires_grad=tensor.requires_grad)
         whole.copy = self.engine.offload(key, tensor.detach(), rec.index)
         self._store_bytes += _nbytes(tensor)
         rec.staged_bytes += _nbytes(tensor)
@@ -304,7 +307,7 @@ class TokenwiseExecutor:
                 whole=idx,
                 size=tuple(tensor.shape),
                 stride=tuple(tensor.stride()),
-                offset=tensor.storage_offset() - rec.wholes[idx].base_offset,
+                offset=cast(int, tensor.storage_offset()) - rec.wholes[idx].base_offset,
             )
         if tensor.dim() >= 1 and tensor.shape[0] == rec.t:
             row = len(rec.row_shapes)
@@ -361,9 +364,11 @@ class TokenwiseExecutor:
             value = slot.tensor
         elif slot.kind == "view":
             base = rec.wholes[slot.whole].value
+            assert base is not None  # fetched by _rebuild
             value = base.as_strided(slot.size, slot.stride, slot.offset)
         else:
             value = rec.full_rows[slot.row]
+        assert value is not None  # kept tensors are set by _classify, rows by _rebuild
         slot.refs -= 1
         rec.pending_refs -= 1
         if slot.refs == 0 and slot.kind == "rows":
@@ -407,8 +412,10 @@ class TokenwiseExecutor:
         if rec.a >= rec.t:
             return [None] * n_rows
         parts, ctx = self._layers[rec.index], self._ctx
-        x_tail = rec.wholes[0].value[rec.a :]
-        out_tail = rec.wholes[1].value[rec.a :]
+        x_whole, out_whole = rec.wholes[0].value, rec.wholes[1].value
+        assert ctx is not None and x_whole is not None and out_whole is not None  # set by __call__, _rebuild
+        x_tail = x_whole[rec.a :]
+        out_tail = out_whole[rec.a :]
         cos, sin = ctx.cos_td[rec.a :], ctx.sin_td[rec.a :]
         captured: dict[str, list[Tensor]] = {"pre": [], "post": []}
         alive: list[Tensor] = []  # as in forward: no freed-and-reused memory may alias a seen tensor

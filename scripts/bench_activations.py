@@ -66,7 +66,7 @@ def model_spec(num_layers: int, hidden: int = 128) -> dict:
 
 
 def activation_cfg(system: str, file_dir: str) -> dict:
-    return {
+    cfgs: dict[str, dict] = {
         "none": {"mode": "none"},
         "checkpoint": {"mode": "recompute"},
         "save_on_cpu": {"mode": "offload"},
@@ -85,7 +85,8 @@ def activation_cfg(system: str, file_dir: str) -> dict:
             "keep_last": 0,
             "file_dir": file_dir,
         },
-    }[system]
+    }
+    return cfgs[system]
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -231,6 +232,7 @@ def _spawn(mode: str, job: dict, args) -> subprocess.Popen:
 
 
 def _read(proc: subprocess.Popen, what: str, args) -> dict:
+    assert proc.stdout is not None  # _spawn pipes it
     for line in proc.stdout:
         if line.startswith("@@"):
             return json.loads(line[2:])
@@ -263,6 +265,7 @@ def time_length(seq_len: int, args) -> dict:
         runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
         for k in range(args.steps + 1):
             for system, proc in procs.items():
+                assert proc.stdin is not None  # _spawn pipes it
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
                 runs[system].append(_read(proc, f"{system} @ {seq_len} step {k}", args))

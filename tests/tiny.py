@@ -30,6 +30,7 @@ def tiny_hf_model(family: str = "llama", *, dtype: torch.dtype = torch.float64, 
     """
     cfg = tiny_model_config(family, **{"init_std": 0.1, **overrides})
     torch.manual_seed(seed)
+    assert cfg.vocab_size is not None  # TINY_SIZES sets it
     model = build_hf_model(cfg, vocab_size=cfg.vocab_size, seq_len=128, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():

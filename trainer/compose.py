@@ -14,7 +14,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -94,7 +94,7 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section (keys {key}.*), got {value!r}")
-            kwargs[f.name] = _coerce(hint, value, f"{key}.")
+            kwargs[f.name] = _coerce(cast(type, hint), value, f"{key}.")  # a field's hint: a class
         else:
             kwargs[f.name] = _coerce_leaf(key, value, hint)
     try:
@@ -168,7 +168,7 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConf
         values = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve config: {str(e).splitlines()[0]}") from None
-    return _coerce(JobConfig, values)
+    return _coerce(JobConfig, cast(dict[str, Any], values))  # a DictConfig's container: a dict
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -41,6 +41,9 @@ from .model.adapter import CausalLM, adapt
 from .model.attention import DocSpans
 from .model.hf import build_hf_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -57,9 +60,10 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     # bf16 runs keep fp32 master weights and autocast; float64 is for exactness checks.
     param_dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     hf_model = build_hf_model(cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype)
-    if hf_model.config.vocab_size < vocab_size:
+    hf_config = cast("PreTrainedConfig", hf_model.config)  # nn.Module's __getattr__ says Tensor | Module
+    if hf_config.vocab_size < vocab_size:
         raise ValueError(
-            f"model vocab_size {hf_model.config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+            f"model vocab_size {hf_config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
             "raise model.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
     model = adapt(hf_model.to(mesh.device), cfg.model.attention)
@@ -166,8 +170,10 @@ class Job:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss per target token over the validation rows (all ranks; ``train.eval_batches`` each)."""
+        assert self.val_rows is not None, "evaluate() needs validation rows (data.val_fraction > 0)"
         mesh = self.mesh
-        loss_sum, num_tokens = 0.0, 0
+        loss_sum = 0.0
+        num_tokens: float = 0  # token counts are ints; all_reduce_sum below is typed to return a float
         for mb in eval_batches(
             self.val_rows,
             self.cfg.data.micro_batch_size,

@@ -21,6 +21,11 @@ from longtrain.trainer.model.adapter import IGNORE_INDEX, adapt
 from longtrain.trainer.model.hf import build_hf_model
 
 
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None  # every parameter takes part in the loss
+    return p.grad
+
+
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     mesh = init_mesh(ParallelConfig(), "cpu")
@@ -59,7 +64,7 @@ def main(out_dir: Path) -> None:
 
     # oracle: one process, all rows
     model(input_ids=ids, labels=labels, position_ids=position_ids).loss.backward()
-    oracle = {n: p.grad.clone() for n, p in model.named_parameters()}
+    oracle = {n: _grad(p).clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
     rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
@@ -73,9 +78,9 @@ def main(out_dir: Path) -> None:
         loss_normalizer=global_count,
     )
     out.loss.backward()
-    local = {n: p.grad.clone() for n, p in model.named_parameters()}
+    local = {n: _grad(p).clone() for n, p in model.named_parameters()}
     sync_gradients(model, mesh)
-    synced = {n: p.grad for n, p in model.named_parameters()}
+    synced = {n: _grad(p) for n, p in model.named_parameters()}
 
     result = {
         "rank": mesh.rank,

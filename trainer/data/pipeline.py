@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import cast
 
 from longtrain.trainer.data.config import DataConfig
 from longtrain.trainer.data.loader import PackedLoader
@@ -47,7 +48,7 @@ def build_datasets(cfg: DataConfig, *, seq_len: int, seed: int) -> PackedData:
             f"data.add_bos=true but the tokenizer {tokenizer.name!r} defines no begin-of-text token; "
             "set data.add_bos=false or use a tokenizer with one"
         )
-    bos = [tokenizer.bos_id] if cfg.add_bos else []
+    bos = [cast(int, tokenizer.bos_id)] if cfg.add_bos else []  # checked just above
     eos = [tokenizer.eos_id] if cfg.add_eos else []
     documents: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_CHUNK):

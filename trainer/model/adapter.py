@@ -17,13 +17,16 @@ This module imports nothing else of longtrain except the attention and loss modu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from .attention import AttentionBackend, DocSpans, attention, build_attention_backend
 from .loss_triton import fused_linear_cross_entropy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
 IGNORE_INDEX = -100
@@ -41,6 +44,46 @@ def apply_rope(x_tnd: Tensor, cos_td: Tensor, sin_td: Tensor) -> Tensor:
     return x_tnd * cos + _rotate_half(x_tnd) * sin
 
 
+# The HF module structure this adapter relies on (common to the supported families). nn.Module's
+# __getattr__ types every submodule as ``Tensor | Module``; these protocols name what is really there.
+class _HFAttention(Protocol):
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    head_dim: int
+    scaling: float
+
+
+class _HFMLP(Protocol):
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+    act_fn: nn.Module
+
+
+class _HFDecoderLayer(Protocol):
+    input_layernorm: nn.Module
+    self_attn: _HFAttention
+    post_attention_layernorm: nn.Module
+    mlp: _HFMLP
+
+
+class _HFBackbone(Protocol):
+    """``hf_model.model`` (``LlamaModel`` and its siblings)."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+
+
+class _HFCausalLM(Protocol):
+    config: PreTrainedConfig
+    model: _HFBackbone
+    lm_head: nn.Linear
+
+
 class LayerParts:
     """One HF decoder layer exposed as pre-attention / post-attention row-wise functions.
 
@@ -48,16 +91,17 @@ class LayerParts:
     """
 
     def __init__(self, layer: nn.Module, index: int):
-        attn, mlp = layer.self_attn, layer.mlp
+        hf_layer = cast(_HFDecoderLayer, layer)
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
-        self.input_norm = layer.input_layernorm
+        self.input_norm = hf_layer.input_layernorm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             attn.q_proj,
             attn.k_proj,
             attn.v_proj,
             attn.o_proj,
         )
-        self.post_norm = layer.post_attention_layernorm
+        self.post_norm = hf_layer.post_attention_layernorm
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (
             mlp.gate_proj,
             mlp.up_proj,
@@ -140,6 +184,8 @@ class CausalLM(nn.Module):
     Packed documents are isolated: a new document starts where ``position_ids == 0``.
     """
 
+    _hf_model: nn.Module  # set with object.__setattr__ in __init__
+
     def __init__(self, hf_model: nn.Module, attention_backend: str | AttentionBackend = "auto"):
         super().__init__()
         family = getattr(hf_model.config, "model_type", None)
@@ -147,9 +193,10 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"model family {family!r} is not supported; model.family must be one of {', '.join(SUPPORTED_FAMILIES)}"
             )
-        self.config = hf_model.config
-        self.model = hf_model.model  # embed_tokens, layers, norm, rotary_emb (HF names kept)
-        self.lm_head = hf_model.lm_head
+        hf = cast(_HFCausalLM, hf_model)
+        self.config = hf.config
+        self.model = hf.model  # embed_tokens, layers, norm, rotary_emb (HF names kept)
+        self.lm_head = hf.lm_head
         object.__setattr__(self, "_hf_model", hf_model)  # not a submodule: parameters are registered once
         window = getattr(self.config, "sliding_window", None)
         uses_window = family == "mistral" or getattr(self.config, "use_sliding_window", False)

@@ -26,6 +26,7 @@ the input dtypes and the loss in the compute dtype.
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,7 @@ def _chunk_loop(
     loss_t = hidden_th.new_zeros(t, dtype=cdtype)
     grad_h = torch.empty_like(hidden_th) if need_h else None
     grad_w = torch.zeros_like(w_vh) if need_w else None
-    grad_b = torch.zeros_like(b_v) if need_b else None
+    grad_b = torch.zeros_like(cast(Tensor, b_v)) if need_b else None  # need_b only when a bias is given
 
     for start in range(0, t, chunk_rows):
         rows = slice(start, min(start + chunk_rows, t))
@@ -165,12 +166,12 @@ def _chunk_loop(
         d_logits_cv = exp_cv.mul_((scale_c / sumexp_c)[:, None])
         d_logits_cv.scatter_add_(1, tgt_safe_c[:, None], -scale_c[:, None])
 
-        if need_h:
+        if grad_h is not None:
             grad_h[rows] = (d_logits_cv @ w_vh).to(grad_h.dtype)
-        if need_w:
+        if grad_w is not None:
             # In place, like grad_w.addmm_; the out= form is also visible to FlopCounterMode.
             torch.addmm(grad_w, d_logits_cv.T, h_ch, out=grad_w)
-        if need_b:
+        if grad_b is not None:
             grad_b += d_logits_cv.sum(0)
 
     return loss_t, grad_h, grad_w, grad_b
