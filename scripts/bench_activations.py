@@ -149,8 +149,11 @@ class SavedBytesCounter:
 
 
 def _step(model, ids_bs) -> dict:
+    import resource
+
     import torch
 
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = model(input_ids=ids_bs, labels=ids_bs, position_ids=torch.arange(ids_bs.shape[1])[None])
     t1 = time.perf_counter()
@@ -158,7 +161,18 @@ def _step(model, ids_bs) -> dict:
     t2 = time.perf_counter()
     loss = out.loss.detach().item()
     model.zero_grad(set_to_none=True)
-    return {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "step_s": t2 - t0, "loss": loss}
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "fwd_s": t1 - t0,
+        "bwd_s": t2 - t1,
+        "step_s": t2 - t0,
+        "loss": loss,
+        # the process's CPU time in the step (all its threads) and its page faults: on a CPU machine
+        # freshly faulted activation pages cost system time, which explains part of the step times
+        "user_s": r1.ru_utime - r0.ru_utime,
+        "sys_s": r1.ru_stime - r0.ru_stime,
+        "minor_faults": r1.ru_minflt - r0.ru_minflt,
+    }
 
 
 def _peak_rss() -> int:
@@ -288,6 +302,9 @@ def time_length(seq_len: int, args) -> dict:
             "min_step_s": min(r["step_s"] for r in timed),
             "fwd_s": statistics.median(r["fwd_s"] for r in timed),
             "bwd_s": statistics.median(r["bwd_s"] for r in timed),
+            "user_s": statistics.median(r["user_s"] for r in timed),
+            "sys_s": statistics.median(r["sys_s"] for r in timed),
+            "minor_faults": statistics.median(r["minor_faults"] for r in timed),
             "steps_s": [round(r["step_s"], 3) for r in runs[system]],  # [warm-up, timed...]
             "loss": runs[system][0]["loss"],
             "rss_built": built[system]["rss_built"],
@@ -402,6 +419,9 @@ def report(timing: dict, search: dict, args) -> dict:
         "min s",
         "fwd s",
         "bwd s",
+        "user s",
+        "sys s",
+        "faults",
         "vs none",
         "vs checkpoint",
         "device act GiB",
@@ -416,6 +436,7 @@ def report(timing: dict, search: dict, args) -> dict:
             r = t[s]
             print(
                 f"| {L} | {s} | {r['step_s']:.2f} | {r['min_step_s']:.2f} | {r['fwd_s']:.2f} | {r['bwd_s']:.2f} "
+                f"| {r['user_s']:.1f} | {r['sys_s']:.1f} | {r['minor_faults'] / 1e3:.0f}k "
                 f"| {r['step_s'] / t['none']['step_s']:.2f} | {r['step_s'] / t['checkpoint']['step_s']:.2f} "
                 f"| {_gib(r['device_act_bytes'])} | {_gib(r.get('host_act_bytes', 0))} | {_gib(r['peak_rss'])} "
                 f"| {r['loss']:.6f} |"
