@@ -175,6 +175,10 @@ def _step(model, ids_bs) -> dict:
     }
 
 
+# what _step measures, reported as the median over the timed steps
+MEDIAN_KEYS = ("step_s", "fwd_s", "bwd_s", "user_s", "sys_s", "minor_faults")
+
+
 def _peak_rss() -> int:
     import resource
 
@@ -298,13 +302,8 @@ def time_length(seq_len: int, args) -> dict:
     for system in SYSTEMS:
         timed = runs[system][1:]
         out[system] = {
-            "step_s": statistics.median(r["step_s"] for r in timed),
+            **{key: statistics.median(r[key] for r in timed) for key in MEDIAN_KEYS},
             "min_step_s": min(r["step_s"] for r in timed),
-            "fwd_s": statistics.median(r["fwd_s"] for r in timed),
-            "bwd_s": statistics.median(r["bwd_s"] for r in timed),
-            "user_s": statistics.median(r["user_s"] for r in timed),
-            "sys_s": statistics.median(r["sys_s"] for r in timed),
-            "minor_faults": statistics.median(r["minor_faults"] for r in timed),
             "steps_s": [round(r["step_s"], 3) for r in runs[system]],  # [warm-up, timed...]
             "loss": runs[system][0]["loss"],
             "rss_built": built[system]["rss_built"],
