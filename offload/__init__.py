@@ -18,7 +18,7 @@ from .config import ActivationConfig
 from .copy_engine import build_copy_engine
 from .heap import build_heap_trimmer
 from .profile import resolve_alpha
-from .recompute import OffloadAllExecutor, RecomputeExecutor
+from .recompute import OffloadAllExecutor, RecomputeExecutor, TrimmedPlainExecutor
 from .store import build_store
 from .tokenwise import TokenwiseExecutor
 
@@ -47,17 +47,18 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
     previous: Any = getattr(lm, "layer_executor", None)
     if hasattr(previous, "close"):  # its copy threads and file-tier file
         previous.close()
+    device = next(lm.parameters()).device
+    # auto trims for the file tier only; true trims in every mode (the same allocator policy for all)
+    trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier if cfg.mode == "tokenwise" else None)
     if cfg.mode == "none":
-        lm.layer_executor = PlainExecutor()
+        lm.layer_executor = TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
     elif cfg.mode == "recompute":
-        lm.layer_executor = RecomputeExecutor()
+        lm.layer_executor = RecomputeExecutor(trimmer)
     elif cfg.mode == "offload":
-        lm.layer_executor = OffloadAllExecutor()
+        lm.layer_executor = OffloadAllExecutor(trimmer)
     else:
-        device = next(lm.parameters()).device
         engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
         params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
-        trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier)
         executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
         if cfg.alpha == "auto":
             executor.alpha_resolver = lambda layers, x, ctx: resolve_alpha(executor, layers, x, ctx, cfg)

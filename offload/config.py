@@ -24,9 +24,10 @@ class ActivationConfig:
     file_dir: directory of the file tier (default: <output_dir>/activation_swap).
     host_budget_bytes: cap on host/file-tier activation bytes for alpha="auto" (default: half of
         the available memory).
-    trim_heap: hand freed heap pages back to the OS at every offloaded layer boundary (glibc
-        malloc_trim), so a CPU process's RSS follows the bytes it holds; auto: on for the file
-        tier on a CPU device (see offload/heap.py).
+    trim_heap: hand freed heap pages back to the OS at layer boundaries (glibc malloc_trim), so a
+        CPU process's RSS follows the bytes it holds: every offloaded layer's in tokenwise mode,
+        every layer's in the other modes. auto: on for the tokenwise file tier on a CPU device;
+        true: on in every mode (see offload/heap.py).
     """
 
     mode: str = "none"

@@ -72,8 +72,9 @@ class HeapTrimmer:
         self.seconds = 0.0
 
 
-def build_heap_trimmer(setting: bool | str, device_type: str, tier: str) -> HeapTrimmer:
-    """``auto``: on for the file tier on a CPU device when glibc provides malloc_trim."""
+def build_heap_trimmer(setting: bool | str, device_type: str, tier: str | None) -> HeapTrimmer:
+    """``auto``: on for the file tier (``tier``; None for modes without one) on a CPU device when glibc
+    provides malloc_trim."""
     if setting == "auto":
         return HeapTrimmer(device_type == "cpu" and tier == "file" and heap_trim_available())
     return HeapTrimmer(bool(setting))

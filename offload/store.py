@@ -2,6 +2,8 @@
 
 Both stores keep one region per key (layer, slot) and reuse it every step, so steady-state
 steps allocate nothing (on CUDA the host buffers are pinned once: pinned allocation is slow).
+Host buffers are registered in ``memory.HOST_BUFFERS``, so a device-bytes count can tell them from
+device memory when the device is the CPU.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .memory import host_empty
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -49,7 +54,8 @@ class HostStore:
     def write(self, key: tuple, src: Tensor, non_blocking: bool = False) -> None:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+            nbytes = src.numel() * src.element_size()
+            buf = host_empty(nbytes, pin=src.is_cuda).view(src.dtype).view(src.shape)
             self._buffers[key] = buf
         if src.is_cuda or not src.is_contiguous():
             buf.copy_(src, non_blocking=non_blocking)
@@ -77,52 +83,129 @@ class HostStore:
         self._live.clear()
 
 
+# O_DIRECT transfers: buffer address, file offset and length must be multiples of the logical block
+# size; 4 KiB covers every current disk. Writes go through a bounce buffer of this many bytes.
+ALIGN = 4096
+BOUNCE_BYTES = 8 * 2**20
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _aligned_empty(nbytes: int, device_memory: bool) -> Tensor:
+    """A uint8 tensor of ``nbytes`` whose first byte is ALIGN-aligned. ``device_memory``: it will be
+    handed to compute as a read result (device bytes on a CPU device), so it is not registered as host."""
+    if not device_memory:
+        return host_empty(nbytes, align=ALIGN)
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % ALIGN
+    return raw[start : start + nbytes]
+
+
 class FileStore:
     """A file on local disk (SSD): regions appended on first use and rewritten in place after.
 
-    Written pages sit in the page cache, which the kernel may drop; they do not count toward the
-    process's resident memory, so this tier really lowers RSS on a CPU machine.
+    The file is opened with O_DIRECT, so its bytes bypass the page cache: what the file tier frees
+    really leaves memory (the kernel does not keep it as cached pages), and its copy times include
+    the disk. Every region starts on a 4 KiB boundary and is written padded to a multiple of 4 KiB
+    through one aligned bounce buffer; a read lands directly in an aligned tensor. Where the
+    filesystem refuses O_DIRECT (tmpfs, some network filesystems), the store warns and writes through
+    the page cache, whose pages then hold the tier's bytes (``direct`` is False).
     """
 
     tier = "file"
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, direct: bool = True):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         # A fresh file per store: two stores of one process in one directory (two models, or a
         # re-applied executor) must never write into each other's regions.
         self._fd, name = tempfile.mkstemp(prefix=f"activations-{os.getpid()}-", suffix=".bin", dir=self.dir)
         self.path = Path(name)
+        self.direct = False
+        if direct:
+            try:
+                fd = os.open(self.path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+            except OSError as e:
+                warnings.warn(
+                    f"activation.file_dir {str(self.dir)!r} refuses O_DIRECT ({e.strerror}): the file tier "
+                    "writes through the page cache, which holds its bytes in memory; point activation.file_dir "
+                    "at a local disk",
+                    stacklevel=2,
+                )
+            else:
+                os.close(self._fd)
+                self._fd, self.direct = fd, hasattr(os, "O_DIRECT")
         self._regions: dict[tuple, tuple[int, torch.Size, torch.dtype]] = {}
         self._end = 0
         self._live: set[tuple] = set()
+        self._bounce: Tensor | None = None  # writes (the d2h queue); allocated on the first write
+        self._read_bounce: Tensor | None = None  # reads to a CUDA device (the h2d queue)
+
+    def _bounce_for(self, attr: str, pin: bool) -> Tensor:
+        buf = getattr(self, attr)
+        if buf is None:
+            buf = host_empty(BOUNCE_BYTES, pin=pin, align=ALIGN)
+            setattr(self, attr, buf)
+        return buf
 
     def write(self, key: tuple, src: Tensor, non_blocking: bool = False) -> None:
-        data = _bytes_of(src.detach().contiguous().cpu())
+        flat = src.detach().contiguous().view(torch.uint8).reshape(-1)
+        nbytes = flat.numel()
         region = self._regions.get(key)
         if region is None or region[1] != src.shape or region[2] != src.dtype:
             region = (self._end, src.shape, src.dtype)
-            self._end += (data.nbytes + 4095) // 4096 * 4096
+            self._end += _round_up(nbytes)
             self._regions[key] = region
+        if not self.direct:
+            self._pwrite(_bytes_of(flat.cpu()), region[0], nbytes)
+        else:
+            bounce = self._bounce_for("_bounce", pin=src.is_cuda)
+            for pos in range(0, nbytes, BOUNCE_BYTES):
+                n = min(BOUNCE_BYTES, nbytes - pos)
+                if flat.is_cuda:
+                    bounce[:n].copy_(flat[pos : pos + n])
+                else:  # one memcpy, no OpenMP team on the copy thread (see HostStore.write)
+                    np.copyto(_bytes_of(bounce[:n]), _bytes_of(flat[pos : pos + n]))
+                padded = _round_up(n)  # the pad bytes land in this region's own padding
+                self._pwrite(_bytes_of(bounce[:padded]), region[0] + pos, padded)
+        self._live.add(key)
+
+    def _pwrite(self, data: np.ndarray, offset: int, nbytes: int) -> None:
         # an ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
-        written = os.pwrite(self._fd, cast("Buffer", data), region[0])
-        if written != data.nbytes:
+        written = os.pwrite(self._fd, cast("Buffer", data), offset)
+        if written != nbytes:
             raise OSError(
-                f"short write to the activation file {self.path} ({written} of {data.nbytes} bytes); "
+                f"short write to the activation file {self.path} ({written} of {nbytes} bytes); "
                 "is activation.file_dir out of space?"
             )
-        self._live.add(key)
+
+    def _pread(self, data: np.ndarray, offset: int) -> None:
+        got = os.preadv(self._fd, [cast("Buffer", data)], offset)  # see _pwrite
+        if got != data.nbytes:
+            raise OSError(f"short read from the activation file {self.path} ({got} of {data.nbytes} bytes)")
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor:
         if key not in self._live:
             raise RuntimeError(f"activation {key} was never offloaded (or was already released)")
         offset, shape, dtype = self._regions[key]
-        out = torch.empty(shape, dtype=dtype)
-        buf = _bytes_of(out)
-        got = os.preadv(self._fd, [cast("Buffer", buf)], offset)  # see write
-        if got != buf.nbytes:
-            raise OSError(f"short read from the activation file {self.path} ({got} of {buf.nbytes} bytes)")
-        return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)
+        nbytes = shape.numel() * dtype.itemsize
+        if not self.direct:
+            out = torch.empty(shape, dtype=dtype)
+            self._pread(_bytes_of(out), offset)
+            return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)
+        if device.type == "cpu":  # straight into the tensor compute will use
+            raw = _aligned_empty(_round_up(nbytes), device_memory=True)
+            self._pread(_bytes_of(raw), offset)
+            return raw[:nbytes].view(dtype).view(shape)
+        out_flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        bounce = self._bounce_for("_read_bounce", pin=True)
+        for pos in range(0, nbytes, BOUNCE_BYTES):
+            n = min(BOUNCE_BYTES, nbytes - pos)
+            self._pread(_bytes_of(bounce[: _round_up(n)]), offset + pos)
+            out_flat[pos : pos + n].copy_(bounce[:n])  # synchronous: the bounce buffer is reused
+        return out_flat.view(dtype).view(shape)
 
     def nbytes(self) -> int:
         total = 0

@@ -365,7 +365,9 @@ class TokenwiseExecutor:
         elif slot.kind == "view":
             base = rec.wholes[slot.whole].value
             assert base is not None  # fetched by _rebuild
-            value = base.as_strided(slot.size, slot.stride, slot.offset)
+            # as_strided offsets count from the storage start; a fetched base may sit at an offset in its
+            # storage (an aligned file-tier read)
+            value = base.as_strided(slot.size, slot.stride, base.storage_offset() + slot.offset)
         else:
             value = rec.full_rows[slot.row]
         assert value is not None  # kept tensors are set by _classify, rows by _rebuild

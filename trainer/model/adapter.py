@@ -161,6 +161,12 @@ class PlainExecutor:
             x_th = run_layer(parts, x_th, ctx)
         return x_th
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 @dataclass
 class CausalLMOutput:
