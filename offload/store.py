@@ -70,7 +70,13 @@ class HostStore:
         if key not in self._live:
             raise RuntimeError(f"activation {key} was never offloaded (or was already released)")
         buf = self._buffers[key]
-        return buf if device.type == "cpu" else buf.to(device, non_blocking=non_blocking)
+        if device.type != "cpu":
+            return buf.to(device, non_blocking=non_blocking)
+        # A device copy, as on a GPU, although a CPU device could read the buffer itself: compute then
+        # holds device memory of its own (what the device-bytes count sees) and never aliases the store.
+        out = torch.empty_like(buf)
+        np.copyto(_bytes_of(out), _bytes_of(buf))
+        return out
 
     def nbytes(self) -> int:
         return sum(self._buffers[k].numel() * self._buffers[k].element_size() for k in self._live)
