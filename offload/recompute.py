@@ -18,6 +18,12 @@ class RecomputeExecutor:
             x_th = checkpoint(run_layer, parts, x_th, ctx, use_reentrant=False)
         return x_th
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 class OffloadAllExecutor:
     """Every saved tensor of every layer goes to host memory (pinned on CUDA) and comes back in backward."""
@@ -27,3 +33,9 @@ class OffloadAllExecutor:
             for parts in layers:
                 x_th = run_layer(parts, x_th, ctx)
         return x_th
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -16,8 +16,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longtrain.config_checks import ConfigError
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+
+def _padded(nbytes: int) -> int:
+    """File regions start on 4 KiB boundaries."""
+    return (nbytes + 4095) // 4096 * 4096
 
 
 def _bytes_of(t: Tensor) -> np.ndarray:
@@ -32,7 +39,17 @@ class ActivationStore(Protocol):
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor: ...
 
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Bytes of the keys written and not released."""
+        ...
+
+    def release(self, key: tuple) -> None:
+        """Forget ``key`` and drop the memory it holds."""
+        ...
+
+    def release_all(self) -> None:
+        """Forget every key; the regions stay allocated for the next step's writes."""
+        ...
 
     def close(self) -> None: ...
 
@@ -69,6 +86,10 @@ class HostStore:
     def nbytes(self) -> int:
         return sum(self._buffers[k].numel() * self._buffers[k].element_size() for k in self._live)
 
+    def release(self, key: tuple) -> None:
+        self._live.discard(key)
+        self._buffers.pop(key, None)
+
     def release_all(self) -> None:
         self._live.clear()
 
@@ -102,7 +123,7 @@ class FileStore:
         region = self._regions.get(key)
         if region is None or region[1] != src.shape or region[2] != src.dtype:
             region = (self._end, src.shape, src.dtype)
-            self._end += (data.nbytes + 4095) // 4096 * 4096
+            self._end += _padded(data.nbytes)
             self._regions[key] = region
         # an ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
         written = os.pwrite(self._fd, cast("Buffer", data), region[0])
@@ -131,6 +152,14 @@ class FileStore:
             total += shape.numel() * dtype.itemsize
         return total
 
+    def release(self, key: tuple) -> None:
+        """Forget ``key``; its region leaves the file when it is the last one (else it stays unused)."""
+        self._live.discard(key)
+        region = self._regions.pop(key, None)
+        if region is not None and region[0] + _padded(region[1].numel() * region[2].itemsize) == self._end:
+            self._end = region[0]
+            os.ftruncate(self._fd, self._end)
+
     def release_all(self) -> None:
         self._live.clear()
 
@@ -150,12 +179,12 @@ def check_file_dir(directory: str | Path, need_bytes: int = 0) -> Path:
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
-        raise ValueError(
+        raise ConfigError(
             f"activation.file_dir {str(path)!r} is not writable ({e.strerror}); set activation.file_dir"
         ) from None
     free = shutil.disk_usage(path).free
     if need_bytes > free:
-        raise ValueError(
+        raise ConfigError(
             f"activation.file_dir {str(path)!r} has {free / 2**30:.1f} GiB free but the file tier needs "
             f"{need_bytes / 2**30:.1f} GiB; point activation.file_dir at a larger disk or lower activation.alpha"
         )
@@ -165,6 +194,6 @@ def check_file_dir(directory: str | Path, need_bytes: int = 0) -> Path:
 def build_store(tier: str, file_dir: str | None) -> HostStore | FileStore:
     if tier == "file":
         if not file_dir:
-            raise ValueError("activation.tier=file needs activation.file_dir")
+            raise ConfigError("activation.tier=file needs activation.file_dir")
         return FileStore(check_file_dir(file_dir))
     return HostStore()

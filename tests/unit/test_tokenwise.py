@@ -25,9 +25,16 @@ import torch
 from tiny import tiny_adapted_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from longtrain.offload import activation_stats, apply_activation_memory, cost, heap, profile, store
-from longtrain.trainer.model.adapter import LayerContext, run_layer
-from longtrain.trainer.model.attention import DocSpans
+from longtrain.offload import (
+    activation_stats,
+    apply_activation_memory,
+    cost,
+    heap,
+    parameter_storages,
+    profile,
+    store,
+)
+from longtrain.trainer.model.adapter import PlainExecutor, run_layer
 
 VOCAB = 101
 
@@ -73,9 +80,7 @@ def forward_backward(model, ids, activation=None, position_ids=None):
 
 
 def close(model):
-    executor = model.layer_executor
-    if hasattr(executor, "close"):
-        executor.close()
+    model.layer_executor.close()
 
 
 def assert_grads_equal(got, ref):
@@ -129,11 +134,11 @@ def plain_layer_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
     return rows + whole - x + (4 * h if dtype == torch.float32 else 0)
 
 
-class CountingExecutor:
+class CountingExecutor(PlainExecutor):
     """The plain executor, counting each layer's distinct saved storages (no params, no RoPE tables)."""
 
     def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params = parameter_storages(model)
         self.per_layer: list[int] = []
 
     def __call__(self, layers, x_th, ctx):
@@ -196,13 +201,11 @@ def test_host_bytes_match_the_skeletal_formula(case):
     assert fwd["recomputed_rows"] == n_off * (t - a)
     assert bwd["host_bytes"] == expected  # the stats stay those of the step until the next forward
 
-    # The planner's formula and the runtime probe agree with it.
+    # The byte formula of cost.py and the runtime probe (profile.measure) agree with it.
     assert cost.offloaded_bytes(t * whole, t * rows, alpha, t, n_off) == expected
-    x = model.model.embed_tokens(ids).view(t, -1)
-    cos, sin = model.rope(x, torch.arange(t))
-    ctx = LayerContext(cos, sin, DocSpans.single(t), model.attention_backend)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert profile.saved_bytes_per_row(model.layer_parts[0], x, ctx, params) == (whole, rows)
+    x, ctx = model.layer_inputs(ids)
+    prof = profile.measure(model.layer_parts, x, ctx, store.HostStore(), parameter_storages(model))
+    assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     close(model)
 
 
@@ -543,8 +546,9 @@ def test_auto_alpha_resolves_and_profiles():
     assert stats["alpha"] == executor.alpha
     assert stats["offload_rows_per_layer"] == cost.split_row(executor.alpha, t)
     prof = executor.profile
-    assert prof["layer_forward_s"] > 0 and prof["copy_bytes_per_s"] > 0
-    assert (prof["whole_bytes_per_token"], prof["row_bytes_per_token"]) == (whole, rows)
+    assert isinstance(prof, profile.LayerProfile)
+    assert prof.layer_forward_s > 0 and prof.copy_bytes_per_s > 0
+    assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     assert_grads_equal(grads, ref)
     close(model)
 
