@@ -29,8 +29,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What a field's value may be beyond its type. Bounds apply to numbers, choices to strings
-    (a ``float | str`` field takes a bounded number or one of the choices)."""
+    """What a field's value may be beyond its type. Bounds apply to numbers (the elements of a
+    ``list[float]``), choices to strings (a ``float | str`` field takes a bounded number or one of
+    the choices)."""
 
     min: float | None = None
     max: float | None = None
@@ -159,7 +160,11 @@ def check_value(key: str, value: Any, hint: Any, limits: Limits | None = None) -
             names = [getattr(t, "__name__", str(t)) for t in allowed if t is not type(None)]
             expected = " or ".join("true or false" if n == "bool" else n for n in names)
         raise ConfigError(f"{key} must be {expected}, got {value!r}")
-    if kind in (int, float):
+    if kind is list:  # list[T]: every element is a T within the limits
+        (item_hint,) = next((typing.get_args(t) for t in allowed if typing.get_origin(t) is list), (Any,))
+        if item_hint is not Any:
+            value = [check_value(f"{key}[{i}]", v, item_hint, limits) for i, v in enumerate(value)]
+    elif kind in (int, float):
         value = float(value) if kind is float else value
         if not _in_range(value, limits):
             raise ConfigError(f"{key} must be {_describe_number(kind, limits, noun=False)}, got {value!r}")

@@ -20,7 +20,7 @@ class OptimConfig:
     name: str = option("adamw", choices=OPTIMIZERS)
     lr: float = option(3e-4, min=0.0)
     weight_decay: float = option(0.1, min=0.0)
-    betas: list[float] = option(factory=lambda: [0.9, 0.95])
+    betas: list[float] = option(factory=lambda: [0.9, 0.95], min=0.0, max=1.0, max_open=True)
     eps: float = option(1e-8, min=0.0)
     momentum: float = option(0.9, min=0.0)
     warmup_steps: int = option(10, min=0)
@@ -30,7 +30,5 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "optim")
-        if len(self.betas) != 2 or not all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in self.betas
-        ):
+        if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)!r}")

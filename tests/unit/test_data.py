@@ -376,6 +376,13 @@ def test_microbatch_num_loss_tokens() -> None:
     assert explicit.num_loss_tokens == 3
 
 
+def test_microbatch_doc_spans_are_computed_once_on_the_host() -> None:
+    rows = pack_documents([[11, 12, 13], [21, 22], [31]], 8, 0)  # + a padding run of 2
+    mb = PackedLoader(rows, 1, shuffle=False).batch(0)
+    assert mb.doc_spans is not None and mb.doc_spans.cu_seqlens == (0, 3, 5, 6, 8)
+    assert mb.to("cpu").doc_spans is mb.doc_spans  # carried to the device copy, not recomputed
+
+
 def test_build_data_bundled_end_to_end() -> None:
     cfg = DataConfig(micro_batch_size=2, max_documents=120)
     tok, loader = build_data(cfg, seq_len=256, seed=0, dp_rank=1, dp_world=2)

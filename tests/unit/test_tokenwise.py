@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -466,6 +467,30 @@ def test_unusable_file_dir_fails_at_apply_time(tmp_path):
     with pytest.raises(ValueError, match=r"activation\.file_dir .*GiB free"):
         store.check_file_dir(tmp_path, need_bytes=2**62)
     assert store.check_file_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+
+
+@pytest.mark.parametrize("tier", ["host", "file"])
+def test_bandwidth_probe_frees_its_buffer(tmp_path, tier):
+    """profile.copy_bandwidth writes a probe buffer into the real store: afterwards the store holds
+    only what it held before (the file tier's file shrinks back)."""
+    s = store.build_store(tier, str(tmp_path))
+    s.write(("kept",), torch.ones(10, dtype=torch.float64))
+    assert profile.copy_bandwidth(s, 2**20, torch.device("cpu")) > 0
+    assert s.nbytes() == 80
+    with pytest.raises(RuntimeError, match="never offloaded"):
+        s.read(("bandwidth-probe",), torch.device("cpu"))
+    if tier == "file":
+        assert s.path.stat().st_size == 4096  # the kept region only: the probe's MiB left the file
+    s.close()
+
+
+def test_host_store_release_drops_the_buffer():
+    s = store.HostStore()
+    s.write(("k",), torch.ones(1000))
+    buffer = weakref.ref(s.read(("k",), torch.device("cpu")))  # on CPU, read returns the buffer itself
+    assert buffer() is not None
+    s.release(("k",))
+    assert buffer() is None and s.nbytes() == 0
 
 
 # --------------------------------------------------------------------------------- step lifecycle
