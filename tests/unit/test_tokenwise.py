@@ -404,7 +404,8 @@ print((before - proc.memory_info().rss) / 2**20)
 
 def test_two_file_stores_in_one_directory_do_not_collide(tmp_path):
     """Two models with the file tier in the same directory, forwards interleaved before backwards:
-    each store has its own file (they once shared activations-<pid>.bin and overwrote each other)."""
+    each store has its own file (a file shared by the two would let one model's writes overwrite the
+    other's activations)."""
     a, b = tiny_model(), tiny_model()
     ids_a, ids_b = ids_of(64, seed=1), ids_of(64, seed=2)
     _, ref, _, _ = forward_backward(a, ids_a)
@@ -499,7 +500,7 @@ def test_host_store_release_drops_the_buffer():
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_no_tensor_survives_a_step(alpha):
     """Steady state: the number of live tensors does not grow from step to step (a rerun graph
-    kept alive through the capture hook once leaked ~70 tensors per step)."""
+    kept alive through the capture hook would leak its tensors every step)."""
     import gc
 
     model = tiny_model(dtype=torch.float32)
