@@ -93,9 +93,9 @@ class _Handle:
 class _Slot:
     """One saved tensor of an offloaded layer."""
 
-    kind: str  # "keep" | "view" | "rows" | "pending" (saved by the attention core, classified after it)
+    kind: str  # "keep" | "view" | "whole" | "rows" | "pending" (saved by the core, classified after it)
     tensor: Tensor | None = None  # keep: the tensor itself
-    whole: int = -1  # view: index of the whole tensor
+    whole: int = -1  # view, whole: index of the whole tensor
     size: tuple = ()
     stride: tuple = ()
     offset: int = 0

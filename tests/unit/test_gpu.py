@@ -25,7 +25,7 @@ def test_copy_engine_round_trip_on_streams():
     engine = CudaCopyEngine(store, torch.device("cuda"))
     src = torch.randn(1000, 64, device="cuda")
     engine.wait(engine.offload(("l0", "x"), src, layer=0))
-    assert store._buffers[("l0", "x")].is_pinned()
+    assert store.read(("l0", "x"), torch.device("cpu")).is_pinned()  # on CPU, read gives the host buffer
     back = engine.wait(engine.fetch(("l0", "x")))
     torch.cuda.synchronize()
     assert back.is_cuda and torch.equal(back, src)
