@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.config_checks import check_fields, option
+
 
 @dataclass
 class CheckpointConfig:
@@ -13,17 +15,10 @@ class CheckpointConfig:
     """
 
     enabled: bool = True
-    every: int = 100
+    every: int = option(100, min=1)
     dir: str | None = None
-    keep: int = 2
-    resume: str = "auto"
+    keep: int = option(2, min=0)
+    resume: str = option("auto", nonempty=True)
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"checkpoint.every must be a positive int, got {self.every!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
-            raise ValueError(f"checkpoint.keep must be an int >= 0 (0 keeps all), got {self.keep!r}")
-        if not isinstance(self.resume, str) or not self.resume:
-            raise ValueError(
-                f"checkpoint.resume must be auto, never or a checkpoint directory, got {self.resume!r}"
-            )
+        check_fields(self, "checkpoint")

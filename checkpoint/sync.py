@@ -10,7 +10,7 @@ format does not depend on the number of ranks):
 
 A checkpoint is written into ``step-N.tmp``, every file fsynced, then renamed, so a crash never
 leaves a half-written ``step-N``. The lazy asynchronous in-memory snapshots of the checkpoint
-package replace the save path; the on-disk format and ``latest_complete`` stay.
+package replace the save path; the on-disk format and ``list_complete`` stay.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from longtrain.config_checks import ConfigError
+
 from .config import CheckpointConfig
 
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: the message names it and what to change."""
 
 

@@ -1,8 +1,12 @@
 """Activation memory: where saved activations live between forward and backward.
 
     apply_activation_memory(model, cfg)   # cfg: ActivationConfig or a dict with its keys
+    activation_stats(model)               # the executor's statistics of the last step
+    measure(layers, x_th, ctx, store, parameter_storages(model)) -> LayerProfile
 
-swaps the adapted model's layer executor; the model code itself never branches on the mode.
+``apply_activation_memory`` swaps the adapted model's ``LayerExecutor``; the model code itself
+never branches on the mode. ``measure`` profiles one layer (forward time, copy bandwidth, whole
+and row bytes per token): what alpha="auto" uses, for a benchmark or planner to size a budget.
 """
 
 from __future__ import annotations
@@ -12,17 +16,26 @@ from typing import Any
 
 from torch import nn
 
-from longtrain.trainer.model.adapter import CausalLM, PlainExecutor, adapt
+from longtrain.config_checks import ConfigError
+from longtrain.trainer.model.adapter import CausalLM, LayerExecutor, PlainExecutor, adapt
 
 from .config import ActivationConfig
 from .copy_engine import build_copy_engine
 from .heap import build_heap_trimmer
-from .profile import resolve_alpha
+from .profile import LayerProfile, auto_alpha, measure
 from .recompute import OffloadAllExecutor, RecomputeExecutor, TrimmedPlainExecutor
 from .store import build_store
-from .tokenwise import TokenwiseExecutor
+from .tokenwise import TokenwiseExecutor, parameter_storages
 
-__all__ = ["ActivationConfig", "activation_stats", "apply_activation_memory"]
+__all__ = [
+    "ActivationConfig",
+    "LayerExecutor",
+    "LayerProfile",
+    "activation_stats",
+    "apply_activation_memory",
+    "measure",
+    "parameter_storages",
+]
 
 
 def _as_config(cfg: ActivationConfig | dict[str, Any] | None) -> ActivationConfig:
@@ -34,7 +47,7 @@ def _as_config(cfg: ActivationConfig | dict[str, Any] | None) -> ActivationConfi
         known = set(asdict(ActivationConfig()))
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"unknown activation key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown activation key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
         return ActivationConfig(**cfg)
     raise TypeError(f"activation config must be an ActivationConfig or a dict, got {type(cfg).__name__}")
 
@@ -44,31 +57,32 @@ def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, 
     a plain HF model; the adapted model shares its parameters) and return the model."""
     cfg = _as_config(cfg)
     lm = adapt(model)
-    previous: Any = getattr(lm, "layer_executor", None)
-    if hasattr(previous, "close"):  # its copy threads and file-tier file
-        previous.close()
+    executor: LayerExecutor
     device = next(lm.parameters()).device
-    # auto trims for the file tier only; true trims in every mode (the same allocator policy for all)
+    # auto trims for the tokenwise file tier only; true trims in every mode (one allocator policy for
+    # all). Built before the store: it may raise.
     trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier if cfg.mode == "tokenwise" else None)
     if cfg.mode == "none":
-        lm.layer_executor = TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
+        executor = TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
     elif cfg.mode == "recompute":
-        lm.layer_executor = RecomputeExecutor(trimmer)
+        executor = RecomputeExecutor(trimmer)
     elif cfg.mode == "offload":
-        lm.layer_executor = OffloadAllExecutor(trimmer)
+        executor = OffloadAllExecutor(trimmer)
     else:
         engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
-        params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
-        executor = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
+        params = parameter_storages(lm)
+        tokenwise = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
         if cfg.alpha == "auto":
-            executor.alpha_resolver = lambda layers, x, ctx: resolve_alpha(executor, layers, x, ctx, cfg)
-        lm.layer_executor = executor
+            tokenwise.alpha_resolver = lambda layers, x, ctx: auto_alpha(
+                layers, x, ctx, engine.store, params, cfg
+            )
+        executor = tokenwise
+    lm.layer_executor.close()  # the previous executor's copy threads and file-tier file
+    lm.layer_executor = executor
     return lm
 
 
-def activation_stats(model: nn.Module) -> dict[str, float]:
+def activation_stats(model: CausalLM) -> dict[str, float]:
     """Last step's statistics: host_bytes, file_bytes, device_peak_bytes, recomputed_rows, copy times..."""
-    executor = getattr(model, "layer_executor", None)
-    stats = getattr(executor, "stats", None)
     base = {"host_bytes": 0, "file_bytes": 0, "device_peak_bytes": 0, "recomputed_rows": 0}
-    return {**base, **(stats() if callable(stats) else {})}
+    return {**base, **model.layer_executor.stats()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.config_checks import check_fields, option
+
 MODES = ("none", "recompute", "offload", "tokenwise")
 TIERS = ("host", "file")
 
@@ -30,39 +32,13 @@ class ActivationConfig:
         true: on in every mode (see offload/heap.py).
     """
 
-    mode: str = "none"
-    alpha: float | str = "auto"
-    tier: str = "host"
-    keep_last: int = 2
+    mode: str = option("none", choices=MODES)
+    alpha: float | str = option("auto", min=0.0, max=1.0, choices=("auto",))
+    tier: str = option("host", choices=TIERS)
+    keep_last: int = option(2, min=0)
     file_dir: str | None = None
-    host_budget_bytes: int | None = None
-    trim_heap: bool | str = "auto"
+    host_budget_bytes: int | None = option(None, min=1)
+    trim_heap: bool | str = option("auto", choices=("auto",))
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"activation.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.tier not in TIERS:
-            raise ValueError(f"activation.tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
-        if isinstance(self.alpha, str):
-            if self.alpha != "auto":
-                raise ValueError(f"activation.alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
-        elif (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, int | float)
-            or not 0.0 <= self.alpha <= 1.0
-        ):
-            raise ValueError(f"activation.alpha must be in [0, 1], got {self.alpha}")
-        else:
-            self.alpha = float(self.alpha)
-        if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 0:
-            raise ValueError(f"activation.keep_last must be an int >= 0, got {self.keep_last!r}")
-        if not (isinstance(self.trim_heap, bool) or self.trim_heap == "auto"):
-            raise ValueError(f"activation.trim_heap must be true, false or 'auto', got {self.trim_heap!r}")
-        if self.host_budget_bytes is not None and (
-            isinstance(self.host_budget_bytes, bool)
-            or not isinstance(self.host_budget_bytes, int)
-            or self.host_budget_bytes <= 0
-        ):
-            raise ValueError(
-                f"activation.host_budget_bytes must be a positive int or null, got {self.host_budget_bytes!r}"
-            )
+        check_fields(self, "activation")

@@ -1,4 +1,4 @@
-"""The token-wise alpha formula (one place: the planner calls it too).
+"""The token-wise alpha formula (one place for it; ``profile.resolve_alpha`` applies it).
 
 MEMO's rule: offload as many token rows as the copy link can move while the layer computes, and
 no more than the host tier holds:
@@ -13,6 +13,8 @@ S_rows: bytes of the other saved tensors of one layer over all t rows; B: copy b
 
 from __future__ import annotations
 
+from longtrain.config_checks import ConfigError
+
 
 def tokenwise_alpha(
     whole_bytes: int,
@@ -26,7 +28,7 @@ def tokenwise_alpha(
     if n_offloaded == 0 or row_bytes == 0:
         return 1.0
     if n_offloaded * whole_bytes > host_budget_bytes:
-        raise ValueError(
+        raise ConfigError(
             f"the host tier needs {n_offloaded * whole_bytes / 2**30:.2f} GiB just for layer inputs and attention "
             f"outputs but activation.host_budget_bytes allows {host_budget_bytes / 2**30:.2f} GiB; raise it, use "
             "activation.tier=file, or raise activation.keep_last"

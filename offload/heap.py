@@ -24,6 +24,8 @@ import ctypes.util
 import sys
 import time
 
+from longtrain.config_checks import ConfigError
+
 
 def _load_malloc_trim():
     """glibc's ``malloc_trim`` or None (musl, macOS, Windows)."""
@@ -51,7 +53,7 @@ class HeapTrimmer:
 
     def __init__(self, enabled: bool):
         if enabled and _MALLOC_TRIM is None:
-            raise ValueError(
+            raise ConfigError(
                 "activation.trim_heap=true needs glibc's malloc_trim (Linux with glibc); "
                 "set activation.trim_heap to auto or false on this platform"
             )

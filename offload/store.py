@@ -19,10 +19,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longtrain.config_checks import ConfigError
+
 from .memory import host_empty
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+
+# O_DIRECT transfers: buffer address, file offset and length must be multiples of the logical block
+# size; 4 KiB covers every current disk. File regions start on ALIGN boundaries. Writes go through a
+# bounce buffer of BOUNCE_BYTES.
+ALIGN = 4096
+BOUNCE_BYTES = 8 * 2**20
+
+
+def _padded(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
 def _bytes_of(t: Tensor) -> np.ndarray:
@@ -37,7 +50,17 @@ class ActivationStore(Protocol):
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor: ...
 
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Bytes of the keys written and not released."""
+        ...
+
+    def release(self, key: tuple) -> None:
+        """Forget ``key`` and drop the memory it holds."""
+        ...
+
+    def release_all(self) -> None:
+        """Forget every key; the regions stay allocated for the next step's writes."""
+        ...
 
     def close(self) -> None: ...
 
@@ -81,22 +104,16 @@ class HostStore:
     def nbytes(self) -> int:
         return sum(self._buffers[k].numel() * self._buffers[k].element_size() for k in self._live)
 
+    def release(self, key: tuple) -> None:
+        self._live.discard(key)
+        self._buffers.pop(key, None)
+
     def release_all(self) -> None:
         self._live.clear()
 
     def close(self) -> None:
         self._buffers.clear()
         self._live.clear()
-
-
-# O_DIRECT transfers: buffer address, file offset and length must be multiples of the logical block
-# size; 4 KiB covers every current disk. Writes go through a bounce buffer of this many bytes.
-ALIGN = 4096
-BOUNCE_BYTES = 8 * 2**20
-
-
-def _round_up(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def _aligned_empty(nbytes: int, device_memory: bool) -> Tensor:
@@ -162,7 +179,7 @@ class FileStore:
         region = self._regions.get(key)
         if region is None or region[1] != src.shape or region[2] != src.dtype:
             region = (self._end, src.shape, src.dtype)
-            self._end += _round_up(nbytes)
+            self._end += _padded(nbytes)
             self._regions[key] = region
         if not self.direct:
             self._pwrite(_bytes_of(flat.cpu()), region[0], nbytes)
@@ -174,7 +191,7 @@ class FileStore:
                     bounce[:n].copy_(flat[pos : pos + n])
                 else:  # one memcpy, no OpenMP team on the copy thread (see HostStore.write)
                     np.copyto(_bytes_of(bounce[:n]), _bytes_of(flat[pos : pos + n]))
-                padded = _round_up(n)  # the pad bytes land in this region's own padding
+                padded = _padded(n)  # the pad bytes land in this region's own padding
                 self._pwrite(_bytes_of(bounce[:padded]), region[0] + pos, padded)
         self._live.add(key)
 
@@ -202,14 +219,14 @@ class FileStore:
             self._pread(_bytes_of(out), offset)
             return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)
         if device.type == "cpu":  # straight into the tensor compute will use
-            raw = _aligned_empty(_round_up(nbytes), device_memory=True)
+            raw = _aligned_empty(_padded(nbytes), device_memory=True)
             self._pread(_bytes_of(raw), offset)
             return raw[:nbytes].view(dtype).view(shape)
         out_flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         bounce = self._bounce_for("_read_bounce", pin=True)
         for pos in range(0, nbytes, BOUNCE_BYTES):
             n = min(BOUNCE_BYTES, nbytes - pos)
-            self._pread(_bytes_of(bounce[: _round_up(n)]), offset + pos)
+            self._pread(_bytes_of(bounce[: _padded(n)]), offset + pos)
             out_flat[pos : pos + n].copy_(bounce[:n])  # synchronous: the bounce buffer is reused
         return out_flat.view(dtype).view(shape)
 
@@ -219,6 +236,14 @@ class FileStore:
             _, shape, dtype = self._regions[key]
             total += shape.numel() * dtype.itemsize
         return total
+
+    def release(self, key: tuple) -> None:
+        """Forget ``key``; its region leaves the file when it is the last one (else it stays unused)."""
+        self._live.discard(key)
+        region = self._regions.pop(key, None)
+        if region is not None and region[0] + _padded(region[1].numel() * region[2].itemsize) == self._end:
+            self._end = region[0]
+            os.ftruncate(self._fd, self._end)
 
     def release_all(self) -> None:
         self._live.clear()
@@ -239,12 +264,12 @@ def check_file_dir(directory: str | Path, need_bytes: int = 0) -> Path:
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
-        raise ValueError(
+        raise ConfigError(
             f"activation.file_dir {str(path)!r} is not writable ({e.strerror}); set activation.file_dir"
         ) from None
     free = shutil.disk_usage(path).free
     if need_bytes > free:
-        raise ValueError(
+        raise ConfigError(
             f"activation.file_dir {str(path)!r} has {free / 2**30:.1f} GiB free but the file tier needs "
             f"{need_bytes / 2**30:.1f} GiB; point activation.file_dir at a larger disk or lower activation.alpha"
         )
@@ -254,6 +279,6 @@ def check_file_dir(directory: str | Path, need_bytes: int = 0) -> Path:
 def build_store(tier: str, file_dir: str | None) -> HostStore | FileStore:
     if tier == "file":
         if not file_dir:
-            raise ValueError("activation.tier=file needs activation.file_dir")
+            raise ConfigError("activation.tier=file needs activation.file_dir")
         return FileStore(check_file_dir(file_dir))
     return HostStore()

@@ -6,9 +6,16 @@ it saves for backward passes through ``torch.autograd.graph.saved_tensors_hooks`
     parameters (and their autocast casts), RoPE tables   kept by reference (resident anyway)
     layer input x, attention output + logsumexp           offloaded whole ("whole" tensors)
     views of a whole tensor                               remembered as (whole, size, stride, offset)
+    q, k, v as the attention core saves them              token rows (below), rebuilt by pre-attention
+    anything else the attention core saves                offloaded whole (attention is not recomputed)
     every other saved tensor with t token rows            first a = split_row(alpha, t) rows offloaded,
                                                           rows [a, t) dropped
     anything else (scalars)                               kept on the device
+
+The attention core is one call, ``ctx.attention(parts, q, k, v) -> (out, lse)``: the executor
+registers the returned out and lse as whole tensors itself and knows q, k, v as the arguments it
+passed. What the core saved for its backward is classified after the call returns, against
+those tensors, so the order (or number) of the core's saves never matters.
 
 Before the layer's backward (its first unpack), rows [a, t) are rebuilt by re-running the
 layer's row-wise parts on x[a:] (pre-attention) and on (x[a:], out[a:]) (post-attention) under a
@@ -27,7 +34,7 @@ import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -38,9 +45,17 @@ from .copy_engine import Copy
 from .cost import split_row
 from .heap import HeapTrimmer
 
+if TYPE_CHECKING:
+    from .profile import LayerProfile
+
 
 def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+def parameter_storages(model: torch.nn.Module) -> set[int]:
+    """Storage keys of ``model``'s parameters: a saved tensor in one of them is never an activation."""
+    return {_storage_key(p) for p in model.parameters()}
 
 
 def _view_key(t: Tensor) -> tuple:
@@ -78,9 +93,9 @@ class _Handle:
 class _Slot:
     """One saved tensor of an offloaded layer."""
 
-    kind: str  # "keep" | "view" | "rows"
+    kind: str  # "keep" | "view" | "whole" | "rows" | "pending" (saved by the core, classified after it)
     tensor: Tensor | None = None  # keep: the tensor itself
-    whole: int = -1  # view: index of the whole tensor
+    whole: int = -1  # view, whole: index of the whole tensor
     size: tuple = ()
     stride: tuple = ()
     offset: int = 0
@@ -92,6 +107,7 @@ class _Slot:
 class _Whole:
     key: tuple
     base_offset: int
+    numel: int
     requires_grad: bool  # as in forward: the rerun must save what the forward saved (frozen embeddings)
     copy: Copy | None = None
     value: Tensor | None = None
@@ -110,8 +126,13 @@ class _LayerRecord:
     row_copies: list[Copy | None] = field(default_factory=list)  # forward: head-row offloads
     head_fetch: list[Copy | None] = field(default_factory=list)  # backward: head-row reads
     full_rows: list[Tensor | None] = field(default_factory=list)  # backward: reassembled tensors
-    attn_rows: list[int] = field(default_factory=list)  # row slots of q, k, v (filled by pre rerun outputs)
-    segments: dict[str, list[int]] = field(default_factory=dict)  # row slot indices per segment
+    x_whole: int = -1  # index in wholes of the layer input
+    out_whole: int = -1  # index in wholes of the attention output
+    qkv_rows: dict[str, int] = field(default_factory=dict)  # "q"/"k"/"v" -> row slot, where the core saved it
+    core_saves: list[tuple[tuple, Tensor]] = field(default_factory=list)  # (view key, tensor) to classify
+    segments: dict[str, list[int]] = field(default_factory=dict)  # row slot indices of pre / post
+    whole_bytes: int = 0  # bytes sent to the store: whole tensors
+    row_bytes: int = 0  # bytes sent to the store: head rows
     alive: list[Tensor] = field(default_factory=list)  # packed tensors kept alive during the layer's forward
     staged_bytes: int = 0  # device bytes held until this layer's offloads complete
     resident_bytes: int = 0  # device bytes of fetched/rebuilt tensors during its backward
@@ -135,7 +156,11 @@ class TokenwiseExecutor:
         self.engine = engine
         self.trim_heap = trim_heap or HeapTrimmer(False)
         self.alpha = alpha  # "auto" until alpha_resolver measured it on the first step
-        self.alpha_resolver: Callable[[list[LayerParts], Tensor, LayerContext], float] | None = None
+        # alpha="auto": measures the layer and the link at a new length -> (alpha, the measurement)
+        self.alpha_resolver: (
+            Callable[[list[LayerParts], Tensor, LayerContext], tuple[float, LayerProfile | None]] | None
+        ) = None
+        self.profile: LayerProfile | None = None  # what alpha_resolver last measured
         self.keep_last = keep_last
         self.param_storages = param_storages
         self.records: dict[int, _LayerRecord] = {}
@@ -184,7 +209,7 @@ class TokenwiseExecutor:
         n_offloaded = max(0, len(layers) - self.keep_last)
         t = x_th.shape[0]
         if self.alpha_resolver is not None and (self.alpha == "auto" or self._alpha_t != t):
-            self.alpha, self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
+            (self.alpha, self.profile), self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
         a = split_row(cast(float, self.alpha), t)  # "auto" was resolved just above
         self._kept_shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
         for parts in layers:
@@ -245,7 +270,7 @@ class TokenwiseExecutor:
         )
         self.records[parts.index] = rec
         shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
-        self._add_whole(rec, x_th)
+        rec.x_whole = self._add_whole(rec, x_th)
 
         def pack(segment: str):
             def hook(tensor: Tensor):
@@ -256,9 +281,11 @@ class TokenwiseExecutor:
         unpack = lambda key: self._unpack(rec, key)  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(pack("pre"), unpack):
             q, k, v = parts.pre_attention(x_th, ctx.cos_td, ctx.sin_td)
-        rec.attn_rows = []
         with torch.autograd.graph.saved_tensors_hooks(pack("attn"), unpack):
             out_tnd, lse = ctx.attention(parts, q, k, v)
+        rec.out_whole = self._add_whole(rec, out_tnd)
+        self._add_whole(rec, lse)
+        self._classify_core_saves(rec, {"q": q, "k": k, "v": v})
         with torch.autograd.graph.saved_tensors_hooks(pack("post"), unpack):
             y_th = parts.post_attention(x_th, out_tnd)
         # Packed tensors were held so that a freed tensor's memory, reused by a later tensor of the same
@@ -266,17 +293,30 @@ class TokenwiseExecutor:
         rec.alive.clear()
         return y_th
 
+    def layer_offload_bytes(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> tuple[int, int]:
+        """(whole, rows): the bytes one offloaded forward of ``parts`` on ``x_th`` sends to the store
+        at this executor's alpha, split into whole tensors and the head rows of the row tensors.
+        The forward's graph is dropped (a probe for ``profile.measure``)."""
+        t = x_th.shape[0]
+        with torch.enable_grad():
+            self._forward_offloaded(parts, x_th, ctx, t, split_row(float(self.alpha), t))
+        self._wait_offloads(parts.index)
+        rec = self.records.pop(parts.index)
+        return rec.whole_bytes, rec.row_bytes
+
     def _add_whole(self, rec: _LayerRecord, tensor: Tensor) -> int:
         idx = len(rec.wholes)
         key = (rec.index, "whole", idx)
         offset = cast(int, tensor.storage_offset())  # a SymInt only under symbolic tracing
-        whole = _Whole(key=key, base_offset=offset, requires_grad=tensor.requires_grad)
+        whole = _Whole(key=key, base_offset=offset, numel=tensor.numel(), requires_grad=tensor.requires_grad)
         whole.copy = self.engine.offload(key, tensor.detach(), rec.index)
         self._store_bytes += _nbytes(tensor)
+        rec.whole_bytes += _nbytes(tensor)
         rec.staged_bytes += _nbytes(tensor)
         self._device_add(_nbytes(tensor))
         rec.wholes.append(whole)
-        rec.whole_by_storage[_storage_key(tensor)] = idx
+        if tensor.is_contiguous():  # its storage region is [offset, offset + numel): views map into it
+            rec.whole_by_storage.setdefault(_storage_key(tensor), idx)
         return idx
 
     def _pack(self, rec: _LayerRecord, segment: str, tensor: Tensor, shared: set[int]) -> _Handle:
@@ -284,7 +324,7 @@ class TokenwiseExecutor:
         slot = rec.slots.get(vkey)
         if slot is None:
             rec.alive.append(tensor.detach())  # detached: no path back into the graph (see _recompute_tails)
-            slot = self._classify(rec, segment, tensor, shared)
+            slot = self._classify(rec, segment, vkey, tensor, shared)
             rec.slots[vkey] = slot
         slot.refs += 1
         rec.pending_refs += 1
@@ -292,41 +332,71 @@ class TokenwiseExecutor:
         rec.handles.add(handle)
         return handle
 
-    def _classify(self, rec: _LayerRecord, segment: str, tensor: Tensor, shared: set[int]) -> _Slot:
-        storage = _storage_key(tensor)
-        if storage in shared or _is_param_like(tensor, self.param_storages):
+    def _classify(
+        self, rec: _LayerRecord, segment: str, vkey: tuple, tensor: Tensor, shared: set[int]
+    ) -> _Slot:
+        if _storage_key(tensor) in shared or _is_param_like(tensor, self.param_storages):
             return _Slot("keep", tensor=tensor)
-        if segment == "attn" and len(rec.attn_rows) >= 3:
-            # the attention core saves (q, k, v, out, lse): out and lse are offloaded whole
-            if storage not in rec.whole_by_storage:
-                self._add_whole(rec, tensor)
-        if storage in rec.whole_by_storage:
-            idx = rec.whole_by_storage[storage]
-            return _Slot(
-                "view",
-                whole=idx,
-                size=tuple(tensor.shape),
-                stride=tuple(tensor.stride()),
-                offset=cast(int, tensor.storage_offset()) - rec.wholes[idx].base_offset,
-            )
+        if segment == "attn":  # classified once the core has returned out and lse
+            rec.core_saves.append((vkey, tensor.detach()))
+            return _Slot("pending")
+        view = self._view_slot(rec, tensor)
+        if view is not None:
+            return view
         if tensor.dim() >= 1 and tensor.shape[0] == rec.t:
-            row = len(rec.row_shapes)
-            rec.row_shapes.append(tuple(tensor.shape))
-            rec.segments.setdefault(segment, []).append(row)
-            if segment == "attn":
-                rec.attn_rows.append(row)
-            head = tensor.detach()[: rec.a]
-            rec.row_copies.append(
-                self.engine.offload((rec.index, "rows", row), head, rec.index) if rec.a else None
-            )
-            if rec.a:  # the original stays referenced until its head rows are copied
-                self._store_bytes += _nbytes(head)
-                rec.staged_bytes += _nbytes(tensor)
-                self._device_add(_nbytes(tensor))
-            return _Slot("rows", row=row)
+            return self._row_slot(rec, segment, tensor)
         rec.resident_bytes += _nbytes(tensor)
         self._device_add(_nbytes(tensor))
         return _Slot("keep", tensor=tensor.detach())  # detached: see _pack_kept
+
+    def _classify_core_saves(self, rec: _LayerRecord, qkv: dict[str, Tensor]) -> None:
+        """What the attention core saved: q, k, v (the tensors the executor passed in) are row
+        tensors rebuilt by the pre-attention rerun; views of out and lse map into their whole
+        copies; anything else is offloaded whole (attention is never recomputed)."""
+        names = {_view_key(tensor): name for name, tensor in qkv.items()}
+        for vkey, tensor in rec.core_saves:
+            name = names.get(vkey)
+            if name is not None and tensor.shape[0] == rec.t:
+                slot = self._row_slot(rec, "attn", tensor)
+                rec.qkv_rows[name] = slot.row
+            else:
+                view = self._view_slot(rec, tensor)
+                slot = view if view is not None else _Slot("whole", whole=self._add_whole(rec, tensor))
+            slot.refs = rec.slots[vkey].refs
+            rec.slots[vkey] = slot
+        rec.core_saves.clear()
+
+    def _view_slot(self, rec: _LayerRecord, tensor: Tensor) -> _Slot | None:
+        """A view of a whole tensor's storage region, or None."""
+        idx = rec.whole_by_storage.get(_storage_key(tensor))
+        if idx is None:
+            return None
+        offset = cast(int, tensor.storage_offset()) - rec.wholes[idx].base_offset
+        last = offset + sum(
+            (n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True) if n > 0
+        )
+        if offset < 0 or (tensor.numel() and last >= rec.wholes[idx].numel):
+            return None  # shares the storage but reaches outside the whole tensor
+        return _Slot(
+            "view", whole=idx, size=tuple(tensor.shape), stride=tuple(tensor.stride()), offset=offset
+        )
+
+    def _row_slot(self, rec: _LayerRecord, segment: str, tensor: Tensor) -> _Slot:
+        """A tensor of t token rows: its first a rows offloaded, the rest recomputed in backward."""
+        row = len(rec.row_shapes)
+        rec.row_shapes.append(tuple(tensor.shape))
+        if segment != "attn":  # q, k, v rows are found by name (qkv_rows)
+            rec.segments.setdefault(segment, []).append(row)
+        head = tensor.detach()[: rec.a]
+        rec.row_copies.append(
+            self.engine.offload((rec.index, "rows", row), head, rec.index) if rec.a else None
+        )
+        if rec.a:  # the original stays referenced until its head rows are copied
+            self._store_bytes += _nbytes(head)
+            rec.row_bytes += _nbytes(head)
+            rec.staged_bytes += _nbytes(tensor)
+            self._device_add(_nbytes(tensor))
+        return _Slot("rows", row=row)
 
     def _wait_offloads(self, index: int) -> None:
         rec = self.records.get(index)
@@ -362,6 +432,8 @@ class TokenwiseExecutor:
         slot = rec.slots[vkey]
         if slot.kind == "keep":
             value = slot.tensor
+        elif slot.kind == "whole":
+            value = rec.wholes[slot.whole].value
         elif slot.kind == "view":
             base = rec.wholes[slot.whole].value
             assert base is not None  # fetched by _rebuild
@@ -370,7 +442,7 @@ class TokenwiseExecutor:
             value = base.as_strided(slot.size, slot.stride, base.storage_offset() + slot.offset)
         else:
             value = rec.full_rows[slot.row]
-        assert value is not None  # kept tensors are set by _classify, rows by _rebuild
+        assert value is not None  # kept tensors are set by _classify, wholes and rows by _rebuild
         slot.refs -= 1
         rec.pending_refs -= 1
         if slot.refs == 0 and slot.kind == "rows":
@@ -414,7 +486,7 @@ class TokenwiseExecutor:
         if rec.a >= rec.t:
             return [None] * n_rows
         parts, ctx = self._layers[rec.index], self._ctx
-        x_whole, out_whole = rec.wholes[0].value, rec.wholes[1].value
+        x_whole, out_whole = rec.wholes[rec.x_whole].value, rec.wholes[rec.out_whole].value
         assert ctx is not None and x_whole is not None and out_whole is not None  # set by __call__, _rebuild
         x_tail = x_whole[rec.a :]
         out_tail = out_whole[rec.a :]
@@ -453,18 +525,17 @@ class TokenwiseExecutor:
         enabled, dtype, dev = rec.autocast
         autocast = torch.autocast(dev, dtype=dtype) if enabled else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
-            x_in = x_tail.detach().requires_grad_(rec.wholes[0].requires_grad)
-            o_in = out_tail.detach().requires_grad_(rec.wholes[1].requires_grad)
+            x_in = x_tail.detach().requires_grad_(rec.wholes[rec.x_whole].requires_grad)
+            o_in = out_tail.detach().requires_grad_(rec.wholes[rec.out_whole].requires_grad)
             with torch.autograd.graph.saved_tensors_hooks(capture("pre"), lambda p: p):
                 q, k, v = parts.pre_attention(x_in, cos, sin)
             with torch.autograd.graph.saved_tensors_hooks(capture("post"), lambda p: p):
                 parts.post_attention(x_in, o_in)
         tails: list[Tensor | None] = [None] * n_rows
-        for segment, recomputed in (
-            ("pre", captured["pre"]),
-            ("attn", [q.detach(), k.detach(), v.detach()]),
-            ("post", captured["post"]),
-        ):
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
+            if name in rec.qkv_rows:
+                tails[rec.qkv_rows[name]] = tensor.detach()
+        for segment, recomputed in (("pre", captured["pre"]), ("post", captured["post"])):
             rows = rec.segments.get(segment, [])
             if len(rows) != len(recomputed):
                 raise RuntimeError(
@@ -486,8 +557,7 @@ class TokenwiseExecutor:
         for index in list(self.records):
             self._wait_offloads(index)
         self.records.clear()
-        if hasattr(self.engine.store, "release_all"):
-            self.engine.store.release_all()
+        self.engine.store.release_all()
         self.engine.timer.reset()
         self.trim_heap.reset()
         self._device_bytes = 0

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longtrain.config_checks import ConfigError
+
 from .config import ParallelConfig
 
 
@@ -36,7 +38,7 @@ class Mesh:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise ConfigError(
                 "train.device=cuda but no CUDA device is available; set train.device=cpu or auto"
             )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -14,12 +14,12 @@ import argparse
 import os
 import sys
 
-from longtrain.checkpoint import CheckpointError
-
 from .compose import available_recipes, compose, to_yaml
 from .config import ConfigError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+# User input is checked where it enters and raises ConfigError (CheckpointError is one); any other
+# exception is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError,)
 
 
 def _fail(message: str) -> int:

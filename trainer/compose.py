@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from pathlib import Path
 from typing import Any, cast
@@ -84,7 +83,7 @@ def _check_override_key(key: str, schema: dict[str, Any]) -> None:
 
 
 def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build the dataclass tree, turning type mismatches into one-line errors naming the key."""
+    """Build the dataclass tree; every dataclass checks its own fields (``longtrain.config_checks``)."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -96,35 +95,8 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
                 raise ConfigError(f"{key} is a section (keys {key}.*), got {value!r}")
             kwargs[f.name] = _coerce(cast(type, hint), value, f"{key}.")  # a field's hint: a class
         else:
-            kwargs[f.name] = _coerce_leaf(key, value, hint)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def _coerce_leaf(key: str, value: Any, hint: Any) -> Any:
-    allowed = (
-        typing.get_args(hint)
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-        else (hint,)
-    )
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"{key} must not be null")
-    for t in allowed:
-        origin = typing.get_origin(t) or t
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin in (str, bool, list, dict) and isinstance(value, origin):
-            return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed if t is not type(None))
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+            kwargs[f.name] = value
+    return cls(**kwargs)
 
 
 def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

@@ -10,35 +10,32 @@
     checkpoint.*  CheckpointConfig   (checkpoint/config.py)
     logging.*     LoggingConfig      (this module)
 
-Composition (``compose.py``) fills these from a recipe YAML plus Hydra-syntax overrides; every
-field check lives in a ``__post_init__`` whose error names the key to change.
+Composition (``compose.py``) fills these from a recipe YAML plus Hydra-syntax overrides. Every
+dataclass checks its fields with ``longtrain.config_checks`` (type, bounds, choices) and its
+cross-field rules in ``__post_init__``; each error is a ``ConfigError`` naming the key to change.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from longtrain.checkpoint.config import CheckpointConfig
+from longtrain.config_checks import ConfigError, check_fields, option
 from longtrain.offload.config import ActivationConfig
 from longtrain.optim.config import OptimConfig
 from longtrain.parallel.config import ParallelConfig
 from longtrain.trainer.data.config import DataConfig
+from longtrain.trainer.model.adapter import SUPPORTED_FAMILIES
+from longtrain.trainer.model.attention import BACKENDS
 
-DTYPES = ("float32", "bfloat16", "float64")
+__all__ = ["ConfigError", "JobConfig", "LoggingConfig", "ModelConfig", "TrainConfig"]
+
+DTYPES = ("float32", "bfloat16", "float64")  # torch dtype names
 DEVICES = ("auto", "cpu", "cuda")
-FAMILIES = ("llama", "qwen2", "mistral")
-ATTENTION = ("auto", "cpu_flash", "sdpa", "flash_attn", "reference")
-
-
-class ConfigError(ValueError):
-    """A user error in the config: the message is one line naming the key or file to fix."""
-
-
-def _positive_int(key: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive int, got {value!r}")
 
 
 @dataclass
@@ -50,25 +47,22 @@ class TrainConfig:
     data.val_fraction > 0; 0 = only after the last step).  eval_batches: micro-batches per rank
     per validation pass (null = the whole split)."""
 
-    steps: int = 100
-    seq_len: int = 512
-    dtype: str = "float32"
-    grad_accum: int = 1
-    log_every: int = 10
-    device: str = "auto"
-    eval_every: int = 0
-    eval_batches: int | None = None
+    steps: int = option(100, min=1)
+    seq_len: int = option(512, min=1)
+    dtype: str = option("float32", choices=DTYPES)
+    grad_accum: int = option(1, min=1)
+    log_every: int = option(10, min=1)
+    device: str = option("auto", choices=DEVICES)
+    eval_every: int = option(0, min=0)
+    eval_batches: int | None = option(None, min=1)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "seq_len", "grad_accum", "log_every"):
-            _positive_int(f"train.{key}", getattr(self, key))
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ConfigError(f"train.eval_every must be an int >= 0, got {self.eval_every!r}")
-        _positive_int("train.eval_batches", self.eval_batches, allow_none=True)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_fields(self, "train")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype`` (the names are torch's)."""
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -77,40 +71,25 @@ class ModelConfig:
     ``family`` with sizes (random init, no download). vocab_size null = the tokenizer's size;
     max_position_embeddings null = max(train.seq_len, 2048). attention: the attention core."""
 
-    family: str = "llama"
+    family: str = option("llama", choices=SUPPORTED_FAMILIES)
     path: str | None = None
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int | None = None
-    head_dim: int | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    hidden_size: int = option(128, min=1)
+    num_layers: int = option(2, min=1)
+    num_heads: int = option(4, min=1)
+    num_kv_heads: int = option(2, min=1)
+    intermediate_size: int | None = option(None, min=1)
+    head_dim: int | None = option(None, min=1)
+    vocab_size: int | None = option(None, min=1)
+    max_position_embeddings: int | None = option(None, min=1)
+    rope_theta: float = option(10000.0, min=0.0, min_open=True)
+    rms_norm_eps: float = option(1e-5, min=0.0)
     tie_embeddings: bool = False
-    sliding_window: int | None = None
-    attention: str = "auto"
-    init_std: float = 0.02
+    sliding_window: int | None = option(None, min=1)
+    attention: str = option("auto", choices=BACKENDS)
+    init_std: float = option(0.02, min=0.0)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
-        if self.attention not in ATTENTION:
-            raise ConfigError(
-                f"model.attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"
-            )
-        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-            _positive_int(f"model.{key}", getattr(self, key))
-        for key in (
-            "intermediate_size",
-            "head_dim",
-            "vocab_size",
-            "max_position_embeddings",
-            "sliding_window",
-        ):
-            _positive_int(f"model.{key}", getattr(self, key), allow_none=True)
+        check_fields(self, "model")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
@@ -121,6 +100,25 @@ class ModelConfig:
                 "or set model.head_dim"
             )
 
+    def check_path(self) -> None:
+        """``model.path`` is a local HF directory holding a supported model: config.json of a
+        supported family and weights (run when the model is built, not at composition)."""
+        if not self.path:
+            return
+        path = Path(self.path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(
+                f"model.path {str(path)!r} has no config.json; point model.path at a local HF model directory"
+            )
+        family = json.loads(config_file.read_text()).get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            raise ConfigError(
+                f"model.path {str(path)!r} holds a {family!r} model; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise ConfigError(f"model.path {str(path)!r} has no *.safetensors weights")
+
 
 @dataclass
 class LoggingConfig:
@@ -129,14 +127,17 @@ class LoggingConfig:
 
     progress: bool = True
     wandb: bool = False
-    wandb_project: str = "longtrain"
+    wandb_project: str = option("longtrain", nonempty=True)
     wandb_run_name: str | None = None
-    peak_flops: float | None = None
+    peak_flops: float | None = option(None, min=0.0, min_open=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "logging")
 
 
 @dataclass
 class JobConfig:
-    output_dir: str = "outputs/run"
+    output_dir: str = option("outputs/run", nonempty=True)
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,10 +149,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ConfigError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        check_fields(self)
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps}); lower it"

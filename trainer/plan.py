@@ -7,12 +7,10 @@ the plain-autograd activation bytes per micro-batch.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .config import JobConfig
-from .model.hf import _hf_classes, hf_config_from_sizes
+from .model.hf import _hf_classes, head_dim_of, hf_config_from_sizes
 
 
 def _meta_model(cfg: JobConfig, vocab_size: int):
@@ -30,10 +28,7 @@ def _meta_model(cfg: JobConfig, vocab_size: int):
 
 def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     """A few lines: parameters, model-state bytes, activation bytes per micro-batch."""
-    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path {cfg.model.path!r} has no config.json; point it at a local HF model directory"
-        )
+    cfg.model.check_path()
     model = _meta_model(cfg, cfg.model.vocab_size or vocab_size)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -41,7 +36,7 @@ def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     tokens = cfg.data.micro_batch_size * cfg.train.seq_len
     # plain autograd keeps ~ (10 h + 4 kv + 3 ffn) values per token per layer (norms, q/k/v, attention
     # out, residuals, MLP intermediates); bf16 halves them.
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_dim = head_dim_of(c)
     per_token_layer = 10 * c.hidden_size + 4 * c.num_key_value_heads * head_dim + 3 * c.intermediate_size
     act_bytes = per_token_layer * tokens * c.num_hidden_layers * (2 if cfg.train.dtype == "bfloat16" else 4)
     gib = 2**30

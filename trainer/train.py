@@ -38,13 +38,11 @@ from .compose import to_yaml
 from .config import ConfigError, JobConfig
 from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, peak_memory_bytes
 from .model.adapter import CausalLM, adapt
-from .model.attention import DocSpans
-from .model.hf import build_hf_model
+from .model.attention import build_attention_backend
+from .model.hf import build_hf_model, head_dim_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, PackedRows | None]:
@@ -56,23 +54,25 @@ def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, Pac
 
 def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     """HF model (identically seeded on every rank) -> adapter -> activation-memory executor."""
+    cfg.model.check_path()
+    try:
+        attention = build_attention_backend(cfg.model.attention, mesh.device)
+    except ImportError as e:  # model.attention=flash_attn without the package
+        raise ConfigError(
+            f"model.attention={cfg.model.attention} needs the flash-attn package on CUDA ({e}); use auto or sdpa"
+        ) from None
     torch.manual_seed(cfg.seed)
     # bf16 runs keep fp32 master weights and autocast; float64 is for exactness checks.
     param_dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     hf_model = build_hf_model(cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype)
     hf_config = cast("PreTrainedConfig", hf_model.config)  # nn.Module's __getattr__ says Tensor | Module
     if hf_config.vocab_size < vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model vocab_size {hf_config.vocab_size} is smaller than the tokenizer's {vocab_size}; "
             "raise model.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
-    model = adapt(hf_model.to(mesh.device), cfg.model.attention)
-    if model.sliding_window is not None and model.sliding_window < cfg.train.seq_len:
-        raise ConfigError(
-            f"the model uses sliding-window attention (window {model.sliding_window}) and train.seq_len="
-            f"{cfg.train.seq_len} is longer; sliding windows are not supported: lower train.seq_len to "
-            f"{model.sliding_window}"
-        )
+    model = adapt(hf_model.to(mesh.device), attention)
+    model.check_doc_len(cfg.train.seq_len, error=ConfigError)  # a packed row may be one document
     activation = cfg.activation
     if activation.file_dir is None:
         activation = dataclasses.replace(activation, file_dir=str(Path(cfg.output_dir) / "activation_swap"))
@@ -94,7 +94,7 @@ def architecture(model: CausalLM) -> dict[str, Any]:
         "num_heads": c.num_attention_heads,
         "num_kv_heads": c.num_key_value_heads,
         "intermediate_size": c.intermediate_size,
-        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "head_dim": head_dim_of(c),
         "vocab_size": c.vocab_size,
         "tie_embeddings": bool(c.tie_word_embeddings),
     }
@@ -144,6 +144,7 @@ class Job:
                     input_ids=mb.input_ids,
                     labels=mb.labels,
                     position_ids=mb.position_ids,
+                    doc_spans=mb.doc_spans,
                     loss_normalizer=max(num_tokens, 1),
                 )
             out.loss.backward()
@@ -183,19 +184,23 @@ class Job:
         ):
             mb = mb.to(mesh.device)
             with self.autocast():
-                out = self.model(input_ids=mb.input_ids, labels=mb.labels, position_ids=mb.position_ids)
+                out = self.model(
+                    input_ids=mb.input_ids,
+                    labels=mb.labels,
+                    position_ids=mb.position_ids,
+                    doc_spans=mb.doc_spans,
+                )
             loss_sum += out.loss_sum.item()
             num_tokens += out.num_tokens
         loss_sum, num_tokens = all_reduce_sum(loss_sum, mesh), all_reduce_sum(num_tokens, mesh)
         return {"val_loss": loss_sum / max(num_tokens, 1), "val_tokens": int(num_tokens)}
 
     def _flops(self, mb: MicroBatch) -> float:
-        spans = DocSpans.from_position_ids(mb.position_ids).spans
+        assert mb.doc_spans is not None  # MicroBatch computes them on construction
+        spans = mb.doc_spans.spans
         mean_doc = sum((e - s) ** 2 for s, e in spans) / max(1, mb.input_ids.numel())
         cfg = self.model.config
-        hidden_q = cfg.num_attention_heads * getattr(
-            cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads
-        )
+        hidden_q = cfg.num_attention_heads * head_dim_of(cfg)
         per_token = model_flops_per_token(self._dense_params, cfg.num_hidden_layers, hidden_q, mean_doc)
         return per_token * mb.input_ids.numel()
 
@@ -205,9 +210,7 @@ class Job:
 
     def close(self) -> None:
         """Release the activation executor's threads and files, and leave the process group."""
-        close = getattr(self.model.layer_executor, "close", None)
-        if callable(close):
-            close()
+        self.model.layer_executor.close()
         shutdown(self.mesh)
 
     def run(self) -> list[dict[str, Any]]:
@@ -228,7 +231,7 @@ class Job:
             else None,
             config=dataclasses.asdict(cfg),
         )
-        peak = cfg.logging.peak_flops or detect_peak_flops(mesh.device, DTYPES[cfg.train.dtype])
+        peak = cfg.logging.peak_flops or detect_peak_flops(mesh.device, cfg.train.torch_dtype)
         logged: list[dict[str, Any]] = []
         total_tokens = (
             self.start_step

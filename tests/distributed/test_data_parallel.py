@@ -95,9 +95,9 @@ def test_two_process_training_matches_one_process(tmp_path, longtrain_cmd):
     rows_two = read_metrics(two)
     assert [r["step"] for r in rows_two] == [1, 2, 3]  # one line per step: rank 1 wrote nothing
 
-    # The one-process run is a fresh process too. Run in-process (inside pytest, after other tests)
-    # its step-1 loss once differed by 3.9e-8 (5e-9 relative) in float64 on CI; standalone runs
-    # reproduce the two-process value exactly. Under investigation (issue 3 closing note, session 2).
+    # The one-process run is a fresh process too, like the ranks: run inside pytest after other tests,
+    # its float64 step-1 loss can differ from the two-process value by ~5e-9 relative (cause not
+    # known), while a fresh process reproduces the two-process value exactly.
     one = tmp_path / "one"
     proc = subprocess.run(
         [*longtrain_cmd, "train", "tiny_cpu", *overrides, "data.micro_batch_size=2", f"output_dir={one}"],

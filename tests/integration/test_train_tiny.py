@@ -105,6 +105,38 @@ def test_validation_loss_is_logged_and_equals_a_plain_pass(tmp_path):
         job.close()
 
 
+def test_every_forward_gets_the_host_document_spans(tmp_path, monkeypatch):
+    """Each micro-batch's document spans are computed on the host when the batch is built; every
+    training and evaluation forward gets them (none reads position_ids back from the device)."""
+    from longtrain.trainer.model.adapter import CausalLM
+    from longtrain.trainer.model.attention import DocSpans
+
+    given = []
+    original = CausalLM.layer_inputs
+
+    def spy(self, input_ids, position_ids=None, doc_spans=None):
+        given.append(doc_spans)
+        return original(self, input_ids, position_ids, doc_spans)
+
+    monkeypatch.setattr(CausalLM, "layer_inputs", spy)
+    cfg = compose(
+        "tiny_cpu",
+        [
+            *FAST,
+            "train.steps=2",
+            "optim.warmup_steps=1",
+            "train.eval_every=2",
+            "train.eval_batches=1",
+            "data.val_fraction=0.05",
+            "checkpoint.enabled=false",
+            f"output_dir={tmp_path}",
+        ],
+    )
+    logged = train(cfg)
+    assert "val_loss" in logged[-1]
+    assert len(given) == 2 + 1 and all(isinstance(d, DocSpans) for d in given)  # 2 train + 1 eval forwards
+
+
 class Crash(RuntimeError):
     pass
 

@@ -27,7 +27,7 @@ import torch
 from tiny import tiny_adapted_model
 
 import longtrain.trainer.model.adapter as adapter_mod
-from longtrain.offload import ActivationConfig, apply_activation_memory
+from longtrain.offload import ActivationConfig, activation_stats, apply_activation_memory
 
 VOCAB = 101
 ALPHAS = (0.0, 0.3, 0.77, 1.0)
@@ -66,9 +66,7 @@ def step(model, ids, pos, activation, autocast=False):
         out = model(input_ids=ids, labels=ids, position_ids=pos)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    close = getattr(model.layer_executor, "close", None)
-    if close is not None:
-        close()
+    model.layer_executor.close()
     return out.loss.detach().clone(), grads
 
 
@@ -141,26 +139,11 @@ def test_tokenwise_with_other_attention_backends(backend):
         assert_identical(step(model, ids, pos, tokenwise(alpha)), ref, f"{backend} alpha={alpha}")
 
 
-# bf16 autocast. Known adapter bug (trainer/model/adapter.py, also xfailed in test_adapter.py):
-# the RoPE tables are float32 under autocast, so q and k are promoted to float32 while v stays
-# bf16 and every attention backend raises. ``rope_in_qk_dtype`` patches in the fix proposed there
-# (cos/sin cast to the dtype of q/k) only while the bug is present, so these tests exercise the
-# token-wise autocast path today and run unpatched once the adapter is fixed.
-
-
-@pytest.fixture
-def rope_in_qk_dtype(monkeypatch):
-    q = torch.zeros(2, 1, 4, dtype=torch.bfloat16)
-    if adapter_mod.apply_rope(q, torch.ones(2, 4), torch.zeros(2, 4)).dtype != q.dtype:
-        original = adapter_mod.apply_rope
-        monkeypatch.setattr(
-            adapter_mod, "apply_rope", lambda x, cos, sin: original(x, cos.to(x.dtype), sin.to(x.dtype))
-        )
-
-
 @pytest.mark.parametrize("backend", ["cpu_flash", "sdpa"])
-def test_tokenwise_under_bf16_autocast_equals_plain(rope_in_qk_dtype, backend):
-    """fp32 weights, bf16 autocast; tokenwise vs plain under the same autocast: bit-equal.
+def test_tokenwise_under_bf16_autocast_equals_plain(backend):
+    """fp32 weights, bf16 autocast; tokenwise vs plain under the same autocast: bit-equal. (The
+    RoPE tables are float32 under autocast; apply_rope rotates in the projections' dtype, so q, k
+    and v reach the attention core in one dtype.)
 
     t = 64 = hidden size on purpose: under autocast ``linear`` saves the transposed bf16 cast of its
     weight, a [64, out] tensor whose first dim equals t. It must be recognised as a parameter, not
@@ -175,6 +158,56 @@ def test_tokenwise_under_bf16_autocast_equals_plain(rope_in_qk_dtype, backend):
         )
     for mode in ("recompute", "offload"):
         assert_identical(step(model, ids, None, {"mode": mode}, autocast=True), ref, f"bf16 autocast {mode}")
+
+
+class ShuffledSavesAttention(torch.autograd.Function):
+    """The CPU flash core behind another autograd Function that saves its tensors in a different
+    order, a view of out instead of out, and two extra tensors a core may keep (a GQA-expanded
+    copy of k, with t rows like a row tensor, and a small state tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, backend, docs, scale):
+        out, lse = backend.forward(q, k, v, docs, scale)
+        k_rep = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [t, n, d]
+        state = torch.arange(3, dtype=q.dtype)
+        ctx.save_for_backward(lse, v, out.view(out.shape[0], -1), k_rep, q, state, k)
+        ctx.backend, ctx.docs, ctx.scale = backend, docs, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        lse, v, out_flat, k_rep, q, state, k = ctx.saved_tensors
+        # the extras come back as they were saved
+        assert torch.equal(k_rep, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+        assert torch.equal(state, torch.arange(3, dtype=q.dtype))
+        out = out_flat.view(dout.shape)
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.docs, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def shuffled_attention(q, k, v, docs, backend, scale=None):
+    return ShuffledSavesAttention.apply(q, k, v, backend, docs, scale)
+
+
+def test_tokenwise_does_not_depend_on_what_the_core_saves_or_its_order(monkeypatch):
+    """A core that saves (lse, v, view of out, extra, q, extra, k): the executor takes out and lse
+    from the call, q/k/v from its own arguments, and offloads the extras whole. Bit-equal to plain
+    with the default core, and the extras' bytes (not recomputable) are in the host tier."""
+    model = tiny_model("llama", torch.float64)  # GQA: 4 query heads, 2 kv heads
+    ids, pos = batch(2, 37, packed=True)
+    ref = step(model, ids, pos, {"mode": "none"})
+    default_bytes = {}
+    for alpha in ALPHAS:
+        step(model, ids, pos, tokenwise(alpha))
+        default_bytes[alpha] = activation_stats(model)["host_bytes"]
+    monkeypatch.setattr(adapter_mod, "attention", shuffled_attention)
+    assert_identical(step(model, ids, pos, {"mode": "none"}), ref, "shuffled core, plain")
+    parts, t, n_off = model.layer_parts[0], 2 * 37, 3
+    extra_bytes = n_off * (t * parts.n_heads * parts.head_dim + 3) * 8  # k_rep + state, float64
+    for alpha in ALPHAS:
+        assert_identical(step(model, ids, pos, tokenwise(alpha)), ref, f"shuffled core alpha={alpha}")
+        assert activation_stats(model)["host_bytes"] == default_bytes[alpha] + extra_bytes, alpha
 
 
 def test_bf16_weights_equal_plain():

@@ -187,6 +187,26 @@ def test_packed_loss_is_token_weighted_loss_of_separate_documents(make_tiny_mode
         assert rel_err(grads[name], oracle_grads[name]) < 1e-10, name
 
 
+def test_forward_uses_the_given_doc_spans_without_reading_position_ids(make_tiny_model, monkeypatch):
+    """The trainer hands the forward the spans the data pipeline computed on the host: the forward
+    then never derives them from position_ids (a device sync on GPU); the result is the same."""
+    hf = make_tiny_model("llama")
+    model = adapt(hf, "reference")
+    ids, position_ids, _ = packed_row(hf.config.vocab_size)
+    spans = DocSpans.from_position_ids(position_ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=position_ids).logits
+
+        def no_sync(cls, position_ids):
+            raise AssertionError("the forward read the document spans back from position_ids")
+
+        monkeypatch.setattr(DocSpans, "from_position_ids", classmethod(no_sync))
+        assert torch.equal(model(input_ids=ids, position_ids=position_ids, doc_spans=spans).logits, ref)
+        model(input_ids=ids)  # no position_ids: one document per row, nothing to read either
+        with pytest.raises(ValueError, match="doc_spans cover 5 tokens"):
+            model(input_ids=ids, doc_spans=DocSpans.single(5))
+
+
 def test_doc_spans_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])  # row 2 starts mid-document
     docs = DocSpans.from_position_ids(pos)
@@ -194,6 +214,7 @@ def test_doc_spans_from_position_ids():
     assert docs.spans == [(0, 3), (3, 5), (5, 7), (7, 10)]
     assert docs.max_len == 3
     assert DocSpans.single(9).spans == [(0, 9)]
+    assert DocSpans.rows(2, 5) == DocSpans.from_position_ids(torch.arange(5).expand(2, 5))
 
 
 # --- bf16 autocast ------------------------------------------------------------------------------
@@ -286,14 +307,26 @@ def test_attention_backends_agree_with_each_other():
             assert rel_err(a, b) < 1e-10, f"{name} {label}"
 
 
-def test_sdpa_lse_blocks_cover_long_documents():
-    """SdpaAttention computes the lse in query blocks; a document longer than a block must match."""
-    backend = SdpaAttention()
-    backend.block = 8
+def test_sdpa_lse_blocks_cover_long_documents(monkeypatch):
+    """SdpaAttention computes the lse in blocks of query rows sized by its score budget; a budget
+    of 8 rows makes a 29-token document run 4 blocks (8, 8, 8, 5), and the lse still matches."""
+    n, L = 2, 29
+    backend = SdpaAttention(score_budget_bytes=8 * n * L * 8 * 2)  # 8 rows of float64 scores + exp
+    assert backend.block_rows(n, L, torch.float64) == 8
+    blocks = []
+    logsumexp = torch.logsumexp
+
+    def counting_logsumexp(scores, dim):
+        blocks.append(scores.shape[1])  # scores of one block: [n, rows, L]
+        return logsumexp(scores, dim=dim)
+
+    monkeypatch.setattr(torch, "logsumexp", counting_logsumexp)
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(29, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    docs = DocSpans((0, 29))
+    q, k, v = (torch.randn(L, n, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    docs = DocSpans((0, L))
     out, lse = backend.forward(q, k, v, docs, 0.5)
+    monkeypatch.undo()
+    assert blocks == [8, 8, 8, 5]
     out_o, lse_o = dense_oracle(q, k, v, docs, 0.5)
     assert rel_err(out, out_o) < 1e-10 and rel_err(lse, lse_o) < 1e-10
 

@@ -7,14 +7,20 @@ User errors must be one line that names the key (or file) to change; the CLI pri
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from longtrain.checkpoint import CheckpointConfig
+from longtrain.offload import ActivationConfig
+from longtrain.optim import OptimConfig
+from longtrain.parallel import ParallelConfig
 from longtrain.trainer.cli import main
 from longtrain.trainer.compose import RECIPES_DIR, available_recipes, compose, to_yaml
-from longtrain.trainer.config import ConfigError, JobConfig
+from longtrain.trainer.config import ConfigError, JobConfig, LoggingConfig, ModelConfig, TrainConfig
+from longtrain.trainer.data import DataConfig
 
 RECIPES = ("llama3_8b_128k", "memo_7b_1m", "qwen2_finetune", "tiny_cpu")
 
@@ -156,6 +162,39 @@ def test_invalid_value_is_one_line_naming_the_key(override, expected):
     assert expected in config_error("tiny_cpu", [override])
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "expected"),
+    [
+        (TrainConfig, {"steps": 0}, "train.steps must be a positive int, got 0"),
+        (TrainConfig, {"seq_len": 2.5}, "train.seq_len must be int, got 2.5"),
+        (ModelConfig, {"hidden_size": True}, "model.hidden_size must be int, got True"),
+        (ModelConfig, {"rope_theta": 0.0}, "model.rope_theta must be a number > 0, got 0.0"),
+        (LoggingConfig, {"progress": "yes"}, "logging.progress must be true or false, got 'yes'"),
+        (DataConfig, {"val_fraction": -0.5}, "data.val_fraction must be in [0, 1), got -0.5"),
+        (OptimConfig, {"betas": [0.9, 1.5]}, "optim.betas[1] must be in [0, 1), got 1.5"),
+        (OptimConfig, {"lr": "fast"}, "optim.lr must be float, got 'fast'"),
+        (ActivationConfig, {"alpha": [1]}, "activation.alpha must be a number in [0, 1] or 'auto', got [1]"),
+        (
+            ParallelConfig,
+            {"data_parallel": 0},
+            "parallel.data_parallel must be -1 (world size) or a positive int",
+        ),
+        (CheckpointConfig, {"keep": -1}, "checkpoint.keep must be an int >= 0, got -1"),
+        (JobConfig, {"seed": "x"}, "seed must be int, got 'x'"),
+        (JobConfig, {"train": 5}, "train must be a TrainConfig section, got 5"),
+    ],
+)
+def test_every_config_dataclass_raises_config_error_naming_the_key(cls, kwargs, expected):
+    """Built directly (not through compose), every package's config checks its fields the same way."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        cls(**kwargs)
+
+
+def test_int_for_a_float_field_becomes_a_float():
+    assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
+    assert OptimConfig(betas=[0, 0]).betas == [0.0, 0.0]
+
+
 def test_unknown_nested_key_in_user_yaml(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("train:\n  steps: 3\n  seqlen: 128\noptim:\n  warmup_steps: 0\n")
@@ -214,6 +253,20 @@ def assert_cli_error(capsys, argv: list[str], *needles: str) -> str:
 )
 def test_cli_user_errors(capsys, argv, needles):
     assert_cli_error(capsys, argv, *needles)
+
+
+def test_cli_internal_value_error_keeps_its_traceback(capsys, monkeypatch):
+    """Only ConfigError is a user error: a ValueError from a bug propagates (a traceback and exit
+    status 1 from the interpreter), it is not printed as a one-line 'longtrain: error'."""
+    import longtrain.trainer.train as train_mod
+
+    def broken(cfg):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(train_mod, "prepare", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["train", "tiny_cpu"])
+    assert "longtrain: error" not in capsys.readouterr().err
 
 
 def test_cli_recipes_lists_names(capsys):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from longtrain.config_checks import ConfigError
 from longtrain.trainer.data import (
     IGNORE_INDEX,
     DataConfig,
@@ -49,7 +50,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     ("kwargs", "message"),
     [
         ({"micro_batch_size": 0}, "data.micro_batch_size must be a positive int, got 0"),
-        ({"micro_batch_size": True}, "data.micro_batch_size must be a positive int"),
+        ({"micro_batch_size": True}, "data.micro_batch_size must be int, got True"),
         ({"source": "csv"}, "data.source must be one of bundled, jsonl, json, parquet, text"),
         ({"source": "jsonl"}, "data.path is required when data.source='jsonl'"),
         ({"path": "x.jsonl"}, "data.path='x.jsonl' is set but data.source='bundled' ignores it"),
@@ -61,7 +62,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_config_errors_name_the_key(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         DataConfig(**kwargs)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
@@ -112,7 +113,7 @@ def test_tokenizer_from_file_and_hf_directory(tmp_path) -> None:
 
 
 def test_missing_tokenizer_names_the_key(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.tokenizer: no such file or directory"):
+    with pytest.raises(ConfigError, match="data.tokenizer: no such file or directory"):
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
@@ -251,12 +252,12 @@ def test_text_directory_and_glob_one_document_per_file(tmp_path, offline) -> Non
 
 def test_missing_path_and_missing_field_errors(tmp_path, offline) -> None:
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=f"data.path: no such file or directory: {missing}"):
+    with pytest.raises(ConfigError, match=f"data.path: no such file or directory: {missing}"):
         build_data(DataConfig(source="jsonl", path=str(missing)), seq_len=64, seed=0)
-    with pytest.raises(FileNotFoundError, match="data.path: no files match"):
+    with pytest.raises(ConfigError, match="data.path: no files match"):
         build_data(DataConfig(source="jsonl", path=str(tmp_path / "*.jsonl")), seq_len=64, seed=0)
     _write_jsonl(tmp_path / "a.jsonl", TEXTS, field="content")
-    with pytest.raises(ValueError, match=r"data.text_field='text' is not a column .*content, id"):
+    with pytest.raises(ConfigError, match=r"data.text_field='text' is not a column .*content, id"):
         build_data(DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl")), seq_len=64, seed=0)
 
 
@@ -373,6 +374,13 @@ def test_microbatch_num_loss_tokens() -> None:
     assert moved.num_loss_tokens == 3 and torch.equal(moved.labels, mb.labels)
     explicit = MicroBatch(mb.input_ids, mb.labels, mb.position_ids)
     assert explicit.num_loss_tokens == 3
+
+
+def test_microbatch_doc_spans_are_computed_once_on_the_host() -> None:
+    rows = pack_documents([[11, 12, 13], [21, 22], [31]], 8, 0)  # + a padding run of 2
+    mb = PackedLoader(rows, 1, shuffle=False).batch(0)
+    assert mb.doc_spans is not None and mb.doc_spans.cu_seqlens == (0, 3, 5, 6, 8)
+    assert mb.to("cpu").doc_spans is mb.doc_spans  # carried to the device copy, not recomputed
 
 
 def test_build_data_bundled_end_to_end() -> None:

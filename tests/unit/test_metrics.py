@@ -85,6 +85,37 @@ def test_flops_per_token_counts_dense_and_causal_attention():
     assert model_flops_per_token(1000, 2, 64, 100.0) == 6000 + 6 * 2 * 64 * 100
 
 
-def test_peaks_are_positive():
-    assert detect_peak_flops(torch.device("cpu"), torch.float32) > 1e6
-    assert peak_memory_bytes(torch.device("cpu")) > 1 << 20
+def test_cpu_peak_flops_is_the_best_measured_matmul_rate(monkeypatch):
+    """On CPU the peak is 2 n^3 FLOPs over the fastest of 5 timed rounds of 4 matmuls (n = 1024);
+    with a clock whose rounds take 4, 2, 3, 2, 5 s, the best matmul takes 0.5 s."""
+    import longtrain.trainer.metrics as metrics
+
+    ticks = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0, 30.0, 32.0, 40.0, 45.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(ticks))
+    assert detect_peak_flops(torch.device("cpu"), torch.float32) == 2 * 1024**3 / 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+        ("NVIDIA H100 80GB HBM3", torch.float32, 989e12 / 2),  # TF32 tensor cores: half the bf16 rate
+        ("NVIDIA A100-SXM4-40GB", torch.bfloat16, 312e12),
+    ],
+)
+def test_gpu_peak_flops_is_the_datasheet_value(monkeypatch, name, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert detect_peak_flops(torch.device("cuda"), dtype) == expected
+
+
+def test_cpu_peak_memory_is_the_process_peak_rss():
+    import resource
+
+    import psutil
+
+    rss_now = psutil.Process().memory_info().rss
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_memory_bytes(torch.device("cpu"))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert before <= peak <= after
+    assert peak >= rss_now  # a peak is never below the current resident size

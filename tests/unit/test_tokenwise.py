@@ -25,9 +25,16 @@ import torch
 from tiny import tiny_adapted_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from longtrain.offload import activation_stats, apply_activation_memory, cost, heap, profile, store
-from longtrain.trainer.model.adapter import LayerContext, run_layer
-from longtrain.trainer.model.attention import DocSpans
+from longtrain.offload import (
+    activation_stats,
+    apply_activation_memory,
+    cost,
+    heap,
+    parameter_storages,
+    profile,
+    store,
+)
+from longtrain.trainer.model.adapter import PlainExecutor, run_layer
 
 VOCAB = 101
 
@@ -73,9 +80,7 @@ def forward_backward(model, ids, activation=None, position_ids=None):
 
 
 def close(model):
-    executor = model.layer_executor
-    if hasattr(executor, "close"):
-        executor.close()
+    model.layer_executor.close()
 
 
 def assert_grads_equal(got, ref):
@@ -129,11 +134,11 @@ def plain_layer_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
     return rows + whole - x + (4 * h if dtype == torch.float32 else 0)
 
 
-class CountingExecutor:
+class CountingExecutor(PlainExecutor):
     """The plain executor, counting each layer's distinct saved storages (no params, no RoPE tables)."""
 
     def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params = parameter_storages(model)
         self.per_layer: list[int] = []
 
     def __call__(self, layers, x_th, ctx):
@@ -196,13 +201,11 @@ def test_host_bytes_match_the_skeletal_formula(case):
     assert fwd["recomputed_rows"] == n_off * (t - a)
     assert bwd["host_bytes"] == expected  # the stats stay those of the step until the next forward
 
-    # The planner's formula and the runtime probe agree with it.
+    # The byte formula of cost.py and the runtime probe (profile.measure) agree with it.
     assert cost.offloaded_bytes(t * whole, t * rows, alpha, t, n_off) == expected
-    x = model.model.embed_tokens(ids).view(t, -1)
-    cos, sin = model.rope(x, torch.arange(t))
-    ctx = LayerContext(cos, sin, DocSpans.single(t), model.attention_backend)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert profile.saved_bytes_per_row(model.layer_parts[0], x, ctx, params) == (whole, rows)
+    x, ctx = model.layer_inputs(ids)
+    prof = profile.measure(model.layer_parts, x, ctx, store.HostStore(), parameter_storages(model))
+    assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     close(model)
 
 
@@ -400,7 +403,8 @@ print((before - proc.memory_info().rss) / 2**20)
 
 def test_two_file_stores_in_one_directory_do_not_collide(tmp_path):
     """Two models with the file tier in the same directory, forwards interleaved before backwards:
-    each store has its own file (they once shared activations-<pid>.bin and overwrote each other)."""
+    each store has its own file (a file shared by the two would let one model's writes overwrite the
+    other's activations)."""
     a, b = tiny_model(), tiny_model()
     ids_a, ids_b = ids_of(64, seed=1), ids_of(64, seed=2)
     _, ref, _, _ = forward_backward(a, ids_a)
@@ -465,13 +469,40 @@ def test_unusable_file_dir_fails_at_apply_time(tmp_path):
     assert store.check_file_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
 
 
+@pytest.mark.parametrize("tier", ["host", "file"])
+def test_bandwidth_probe_frees_its_buffer(tmp_path, tier):
+    """profile.copy_bandwidth writes a probe buffer into the real store: afterwards the store holds
+    only what it held before (the file tier's file shrinks back)."""
+    s = store.build_store(tier, str(tmp_path))
+    s.write(("kept",), torch.ones(10, dtype=torch.float64))
+    assert profile.copy_bandwidth(s, 2**20, torch.device("cpu")) > 0
+    assert s.nbytes() == 80
+    with pytest.raises(RuntimeError, match="never offloaded"):
+        s.read(("bandwidth-probe",), torch.device("cpu"))
+    if tier == "file":
+        assert s.path.stat().st_size == 4096  # the kept region only: the probe's MiB left the file
+    s.close()
+
+
+def test_host_store_release_drops_the_buffer():
+    from longtrain.offload.memory import HOST_BUFFERS
+
+    before = HOST_BUFFERS.nbytes()
+    s = store.HostStore()
+    s.write(("k",), torch.ones(1000))
+    assert HOST_BUFFERS.nbytes() - before == 4000
+    assert torch.equal(s.read(("k",), torch.device("cpu")), torch.ones(1000))  # a device copy
+    s.release(("k",))
+    assert HOST_BUFFERS.nbytes() == before and s.nbytes() == 0
+
+
 # --------------------------------------------------------------------------------- step lifecycle
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_no_tensor_survives_a_step(alpha):
     """Steady state: the number of live tensors does not grow from step to step (a rerun graph
-    kept alive through the capture hook once leaked ~70 tensors per step)."""
+    kept alive through the capture hook would leak its tensors every step)."""
     import gc
 
     model = tiny_model(dtype=torch.float32)
@@ -543,8 +574,9 @@ def test_auto_alpha_resolves_and_profiles():
     assert stats["alpha"] == executor.alpha
     assert stats["offload_rows_per_layer"] == cost.split_row(executor.alpha, t)
     prof = executor.profile
-    assert prof["layer_forward_s"] > 0 and prof["copy_bytes_per_s"] > 0
-    assert (prof["whole_bytes_per_token"], prof["row_bytes_per_token"]) == (whole, rows)
+    assert isinstance(prof, profile.LayerProfile)
+    assert prof.layer_forward_s > 0 and prof.copy_bytes_per_s > 0
+    assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     assert_grads_equal(grads, ref)
     close(model)
 

@@ -17,30 +17,41 @@ from typing import Any
 
 import torch
 
-from longtrain.trainer.data.packing import IGNORE_INDEX, PackedRows
+from longtrain.config_checks import ConfigError, Limits, check_value
+from longtrain.trainer.data.packing import PackedRows
+from longtrain.trainer.model.attention import DocSpans
+from longtrain.trainer.model.loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch of packed rows. Labels are unshifted (Hugging Face convention)."""
+    """One micro-batch of packed rows. Labels are unshifted (Hugging Face convention).
+
+    Built on the host, where its document spans and loss-token count are computed once; ``to``
+    carries both to the device copy, so the forward needs no device sync to find documents.
+    """
 
     input_ids: torch.Tensor  # [b, s] int64
     labels: torch.Tensor  # [b, s] int64, IGNORE_INDEX at document starts and padding
     position_ids: torch.Tensor  # [b, s] int64, 0 at every document start
-    num_loss_tokens: int = -1  # targets after the shift: (labels[:, 1:] != -100).sum(); -1 = compute
+    num_loss_tokens: int = -1  # targets after the shift: (labels[:, 1:] != IGNORE_INDEX).sum(); -1 = compute
+    doc_spans: DocSpans | None = None  # document boundaries of the flattened rows; None = compute
 
     def __post_init__(self) -> None:
         if self.num_loss_tokens < 0:
             count = int((self.labels[:, 1:] != IGNORE_INDEX).sum())
             object.__setattr__(self, "num_loss_tokens", count)
+        if self.doc_spans is None:
+            object.__setattr__(self, "doc_spans", DocSpans.from_position_ids(self.position_ids))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
-        """Copy to ``device``; ``num_loss_tokens`` is carried over (no device sync)."""
+        """Copy to ``device``; ``num_loss_tokens`` and ``doc_spans`` are carried over (no device sync)."""
         return MicroBatch(
             input_ids=self.input_ids.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             position_ids=self.position_ids.to(device, non_blocking=non_blocking),
             num_loss_tokens=self.num_loss_tokens,
+            doc_spans=self.doc_spans,
         )
 
 
@@ -65,17 +76,12 @@ class PackedLoader:
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        if (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, int)
-            or micro_batch_size <= 0
-        ):
-            raise ValueError(f"data.micro_batch_size must be a positive int, got {micro_batch_size!r}")
+        check_value("data.micro_batch_size", micro_batch_size, int, Limits(min=1))
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
         rows_per_step = micro_batch_size * dp_world
         if len(rows) < rows_per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(rows)} packed rows of train.seq_len={rows.seq_len} tokens, fewer than "
                 f"data.micro_batch_size={micro_batch_size} x {dp_world} data-parallel ranks; "
                 "lower train.seq_len or data.micro_batch_size, or use more data (data.max_documents)"
@@ -140,7 +146,7 @@ class PackedLoader:
             f"{k}: saved {state[k]}, now {v}" for k, v in expected.items() if k in state and state[k] != v
         ]
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 "data loader state does not match this run (" + "; ".join(changed) + "); resume with "
                 "the same data.*, train.seq_len, seed and data-parallel size"
             )

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # labels value skipped by torch.nn.functional.cross_entropy
+from longtrain.config_checks import Limits, check_value
+from longtrain.trainer.model.loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def pack_documents(
     documents land in seed-dependent rows; ``seed=None`` keeps the input order. Either way the
     result is a pure function of the arguments. Empty documents are dropped.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"train.seq_len must be a positive int, got {seq_len!r}")
+    check_value("train.seq_len", seq_len, int, Limits(min=1))
     docs = [np.asarray(d, dtype=np.int32) for d in documents]
 
     # Cut documents longer than seq_len: pieces are (document index, start, length).

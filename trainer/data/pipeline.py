@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import cast
 
+from longtrain.config_checks import ConfigError, Limits, check_value
 from longtrain.trainer.data.config import DataConfig
 from longtrain.trainer.data.loader import PackedLoader
 from longtrain.trainer.data.packing import PackedRows, pack_documents
@@ -36,15 +37,14 @@ class PackedData:
 
 def build_datasets(cfg: DataConfig, *, seq_len: int, seed: int) -> PackedData:
     """Load, tokenise, split and pack; identical on every rank for the same arguments."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"train.seq_len must be a positive int, got {seq_len!r}")
+    check_value("train.seq_len", seq_len, int, Limits(min=1))
     tokenizer = load_tokenizer(cfg.tokenizer)
     texts = load_texts(cfg, seed=seed)
     if not texts:
-        raise ValueError(f"data.path={cfg.path!r} holds no non-empty {cfg.text_field!r} values")
+        raise ConfigError(f"data.path={cfg.path!r} holds no non-empty {cfg.text_field!r} values")
 
     if cfg.add_bos and tokenizer.bos_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"data.add_bos=true but the tokenizer {tokenizer.name!r} defines no begin-of-text token; "
             "set data.add_bos=false or use a tokenizer with one"
         )
@@ -59,7 +59,7 @@ def build_datasets(cfg: DataConfig, *, seq_len: int, seed: int) -> PackedData:
         random.Random(seed).shuffle(order)
     num_val = 0 if cfg.val_fraction == 0 else max(1, round(cfg.val_fraction * len(documents)))
     if num_val >= len(documents):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={cfg.val_fraction} leaves no training documents out of {len(documents)}"
         )
     train_docs = [documents[i] for i in order[: len(order) - num_val]]

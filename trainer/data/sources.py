@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from longtrain.config_checks import ConfigError
 from longtrain.trainer.data.bundled import bundled_documents
 from longtrain.trainer.data.config import DataConfig
 
@@ -41,7 +42,7 @@ def resolve_data_files(source: str, path: str) -> list[str]:
     if glob.has_magic(expanded):
         files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
         if not files:
-            raise FileNotFoundError(f"data.path: no files match {path}")
+            raise ConfigError(f"data.path: no files match {path}")
         return files
     p = Path(expanded)
     if p.is_file():
@@ -49,11 +50,11 @@ def resolve_data_files(source: str, path: str) -> list[str]:
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes))
         if not files:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"data.path: directory {path} has no {' / '.join(suffixes)} files for data.source={source}"
             )
         return files
-    raise FileNotFoundError(f"data.path: no such file or directory: {path}")
+    raise ConfigError(f"data.path: no such file or directory: {path}")
 
 
 def _load_local(cfg: DataConfig) -> list[str]:
@@ -70,9 +71,9 @@ def _load_local(cfg: DataConfig) -> list[str]:
             )
         except Exception as e:  # parse errors arrive as multi-line pyarrow/datasets errors
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"data.path: cannot read {cfg.path} as {cfg.source}: {first_line}") from e
+            raise ConfigError(f"data.path: cannot read {cfg.path} as {cfg.source}: {first_line}") from e
     if cfg.text_field not in ds.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"data.text_field={cfg.text_field!r} is not a column of {cfg.path}; "
             f"available columns: {', '.join(ds.column_names)}"
         )
@@ -81,5 +82,5 @@ def _load_local(cfg: DataConfig) -> list[str]:
     texts = [t for t in ds[cfg.text_field] if t]  # drop None / empty rows
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
-        raise ValueError(f"data.text_field={cfg.text_field!r} must hold strings, found {type(bad).__name__}")
+        raise ConfigError(f"data.text_field={cfg.text_field!r} must hold strings, found {type(bad).__name__}")
     return texts

@@ -18,6 +18,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from longtrain.config_checks import ConfigError
+
 BUNDLED_TOKENIZER_PATH = Path(__file__).parent / "assets" / "tokenizer.json"
 BUNDLED_VOCAB_SIZE = 4096
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -72,7 +74,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return _from_tokenizer_json(BUNDLED_TOKENIZER_PATH, name="bundled")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data.tokenizer: no such file or directory: {spec}")
+        raise ConfigError(f"data.tokenizer: no such file or directory: {spec}")
     if path.is_file():
         return _from_tokenizer_json(path, name=spec)
     if (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
@@ -84,7 +86,7 @@ def _from_tokenizer_json(path: Path, *, name: str) -> Tokenizer:
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"data.tokenizer: cannot read {path} as a tokenizer.json: {e}") from e
+        raise ConfigError(f"data.tokenizer: cannot read {path} as a tokenizer.json: {e}") from e
 
     def find(names: tuple[str, ...]) -> int | None:
         ids = (backend.token_to_id(n) for n in names)
@@ -92,7 +94,7 @@ def _from_tokenizer_json(path: Path, *, name: str) -> Tokenizer:
 
     eos_id = find(_EOS_NAMES)
     if eos_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer: {path} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
             "use a Hugging Face tokenizer directory whose tokenizer_config.json sets eos_token"
         )
@@ -114,9 +116,9 @@ def _from_transformers_dir(path: Path, *, name: str) -> Tokenizer:
         backend = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"data.tokenizer: cannot load a tokenizer from {path}: {first_line}") from e
+        raise ConfigError(f"data.tokenizer: cannot load a tokenizer from {path}: {first_line}") from e
     if backend.eos_token_id is None:
-        raise ValueError(f"data.tokenizer: {path} defines no eos_token; set it in tokenizer_config.json")
+        raise ConfigError(f"data.tokenizer: {path} defines no eos_token; set it in tokenizer_config.json")
     return Tokenizer(
         backend,
         name=name,

@@ -11,6 +11,8 @@ parallelism (parallel/) rely on. The batch is flattened into one token stream of
 ``CausalLM`` keeps the HF modules under their HF names (``model.layers.N.self_attn.q_proj``...),
 so its ``state_dict`` is the HF one. How the layers run is a pluggable ``LayerExecutor``: the model
 code never branches on a memory feature; ``offload.apply_activation_memory`` swaps the executor.
+The attention core is called through ``LayerContext.attention``, which hands its output and
+logsumexp to the caller: an executor learns them from that call, never from what the core saves.
 This module imports nothing else of longtrain except the attention and loss modules beside it.
 """
 
@@ -23,13 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AttentionBackend, DocSpans, attention, build_attention_backend
+from .loss import IGNORE_INDEX, LOSS_CHUNK_ROWS
 from .loss_triton import fused_linear_cross_entropy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
-IGNORE_INDEX = -100
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -137,6 +139,11 @@ class LayerContext:
     backend: AttentionBackend
 
     def attention(self, parts: LayerParts, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention core on (q, k, v) from ``parts.pre_attention``: returns (out_tnd, lse_nt).
+
+        Differentiable in q, k, v. Whatever the core saves for its backward is its own business:
+        a caller that keeps activations elsewhere (offload/) takes out and lse from this return
+        value and q, k, v from its own arguments."""
         return attention(q, k, v, self.docs, self.backend, parts.scale)
 
 
@@ -148,9 +155,20 @@ def run_layer(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
 
 
 class LayerExecutor(Protocol):
-    """Runs all decoder layers; memory-saving executors decide what is kept for backward."""
+    """Runs all decoder layers of one forward and decides what autograd keeps for backward
+    (plain here; recompute, offload and token-wise in offload/)."""
 
-    def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor: ...
+    def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
+        """x_th [t, h] -> the last layer's output [t, h]."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (bytes offloaded, recomputed rows...); {} if it keeps none."""
+        ...
+
+    def close(self) -> None:
+        """Release what the executor holds (copy threads, buffers, files); it is not called after."""
+        ...
 
 
 class PlainExecutor:
@@ -212,7 +230,7 @@ class CausalLM(nn.Module):
         self.attention_backend = attention_backend
         self.layer_parts = [LayerParts(layer, i) for i, layer in enumerate(self.model.layers)]
         self.layer_executor: LayerExecutor = PlainExecutor()
-        self.loss_chunk_rows = 4096
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS
 
     @property
     def num_layers(self) -> int:
@@ -220,12 +238,43 @@ class CausalLM(nn.Module):
 
     def layer_executor_stats(self) -> dict[str, float]:
         """Statistics of the activation executor's last step (bytes offloaded, recomputed rows...)."""
-        stats = getattr(self.layer_executor, "stats", None)
-        return stats() if callable(stats) else {}
+        return self.layer_executor.stats()
+
+    def check_doc_len(self, doc_len: int, error: type[Exception] = ValueError) -> None:
+        """Sliding-window attention is not supported: no document may be longer than the window.
+        The trainer checks train.seq_len with ``error=ConfigError`` before the first step."""
+        if self.sliding_window is not None and doc_len > self.sliding_window:
+            raise error(
+                f"a document of {doc_len} tokens exceeds the model's sliding_window={self.sliding_window}; "
+                "sliding-window attention is not supported: set model.sliding_window=null or lower "
+                f"train.seq_len to {self.sliding_window}"
+            )
 
     def rope(self, x_th: Tensor, position_ids_t: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.model.rotary_emb(x_th, position_ids_t[None, :])  # [1, t, d]
         return cos[0], sin[0]
+
+    def layer_inputs(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, doc_spans: DocSpans | None = None
+    ) -> tuple[Tensor, LayerContext]:
+        """The first layer's input x_th [b * s, h] and the context all layers share.
+
+        ``doc_spans``: the documents of the flattened rows, computed on the host by the data
+        pipeline; without it they are read from ``position_ids`` (a device sync on GPU), and
+        without those every row is one document."""
+        b, s = input_ids.shape
+        if doc_spans is None:
+            doc_spans = (
+                DocSpans.rows(b, s) if position_ids is None else DocSpans.from_position_ids(position_ids)
+            )
+        elif doc_spans.cu_seqlens[-1] != b * s:
+            raise ValueError(f"doc_spans cover {doc_spans.cu_seqlens[-1]} tokens, the batch has {b * s}")
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        self.check_doc_len(doc_spans.max_len)
+        x_th = self.model.embed_tokens(input_ids).view(b * s, -1)
+        cos_td, sin_td = self.rope(x_th, position_ids.reshape(-1))
+        return x_th, LayerContext(cos_td, sin_td, doc_spans, self.attention_backend)
 
     def forward(
         self,
@@ -233,23 +282,15 @@ class CausalLM(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         loss_normalizer: float | Tensor | None = None,
+        doc_spans: DocSpans | None = None,
         **unused,
     ) -> CausalLMOutput:
-        """input_ids, labels, position_ids: [b, s]. Loss = sum of token losses / loss_normalizer
-        (default: this batch's token count; the trainer passes the global count so that
-        data/context-parallel ranks and accumulation micro-batches weigh every token equally)."""
+        """input_ids, labels, position_ids: [b, s]; doc_spans: see ``layer_inputs``.
+        Loss = sum of token losses / loss_normalizer (default: this batch's token count; the
+        trainer passes the global count so that data/context-parallel ranks and accumulation
+        micro-batches weigh every token equally)."""
         b, s = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        x_th = self.model.embed_tokens(input_ids).view(b * s, -1)
-        cos_td, sin_td = self.rope(x_th, position_ids.reshape(-1))
-        docs = DocSpans.from_position_ids(position_ids)
-        if self.sliding_window is not None and docs.max_len > self.sliding_window:
-            raise ValueError(
-                f"a document of {docs.max_len} tokens exceeds the model's sliding_window={self.sliding_window}; "
-                "sliding-window attention is not supported: set model.sliding_window=null or shorten train.seq_len"
-            )
-        ctx = LayerContext(cos_td, sin_td, docs, self.attention_backend)
+        x_th, ctx = self.layer_inputs(input_ids, position_ids, doc_spans)
         x_th = self.layer_executor(self.layer_parts, x_th, ctx)
         x_th = self.model.norm(x_th)
         if labels is None:

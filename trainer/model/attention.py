@@ -45,6 +45,11 @@ class DocSpans:
     def single(cls, t: int) -> DocSpans:
         return cls((0, t))
 
+    @classmethod
+    def rows(cls, b: int, s: int) -> DocSpans:
+        """Every one of b rows of s tokens is one document."""
+        return cls(tuple(range(0, b * s + 1, s)) if s else (0,))
+
     @property
     def spans(self) -> list[tuple[int, int]]:
         c = self.cu_seqlens
@@ -193,19 +198,27 @@ class CpuFlashAttention(_PerDocBackend):
 class SdpaAttention(_PerDocBackend):
     """``F.scaled_dot_product_attention`` for the output; the lse from blocked score rows.
 
-    SDPA does not return the logsumexp, so it is computed in query blocks sized to keep one block
-    of scores under ``score_budget_bytes``: a cross-check backend, slower than the flash kernels. The backward rebuilds the output graph with SDPA (the fused kernel
-    recomputes its own scores, as flash backward does) and takes its vector-Jacobian product.
+    SDPA does not return the logsumexp, so it is computed in blocks of query rows, each block's
+    scores [n, rows, L] under ``score_budget_bytes``: a cross-check backend, slower than the flash
+    kernels. The backward rebuilds the output graph with SDPA (the fused kernel recomputes its own
+    scores, as flash backward does) and takes its vector-Jacobian product.
     """
 
     name = "sdpa"
-    score_budget_bytes = 256 * 2**20  # cap on one block of scores [n, rows, L]
+
+    def __init__(self, score_budget_bytes: int = 256 * 2**20) -> None:
+        self.score_budget_bytes = score_budget_bytes
+
+    def block_rows(self, n_heads: int, doc_len: int, dtype: torch.dtype) -> int:
+        """Query rows per lse block: scores and their exp for one block fit the budget."""
+        per_row = n_heads * max(doc_len, 1) * torch.finfo(dtype).bits // 8 * 2
+        return max(1, self.score_budget_bytes // per_row)
 
     def _lse(self, q, k, scale):
         L, n = q.shape[0], q.shape[1]
         dt = _lse_dtype(q)
         lse = torch.empty(n, L, dtype=dt, device=q.device)
-        block = max(1, self.score_budget_bytes // (n * max(L, 1) * torch.finfo(dt).bits // 8 * 2))
+        block = self.block_rows(n, L, dt)
         for i0 in range(0, L, block):
             i1 = min(L, i0 + block)
             scores = torch.einsum("ind,jnd->nij", q[i0:i1].to(dt), k[:i1].to(dt)) * scale
@@ -320,12 +333,7 @@ def build_attention_backend(name: str, device: torch.device | str = "cpu") -> At
     if name == "reference":
         return ReferenceAttention()
     if name == "flash_attn":
-        try:
-            return FlashAttnVarlen()
-        except ImportError as e:
-            raise ValueError(
-                "model.attention=flash_attn needs the flash-attn package on CUDA; use auto or sdpa"
-            ) from e
+        return FlashAttnVarlen()  # ImportError without the flash-attn package
     raise ValueError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 

@@ -1,8 +1,11 @@
-"""Build a Hugging Face Llama-family model from sizes (random init) or a local directory."""
+"""Build a Hugging Face Llama-family model from sizes (random init) or a local directory.
+
+Library code beside the adapter: it imports nothing else of longtrain, so the checks of the user's
+``model.*`` keys (the directory exists and holds a supported model) are the trainer's, made before
+it calls here (``ModelConfig.check_path``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,16 @@ def _hf_classes(family: str) -> tuple[type, type]:
     }[family]
 
 
+def head_dim_of(config: Any) -> int:
+    """Size of one attention head of an HF config: its ``head_dim``, or hidden_size // heads where
+    the config leaves it unset (Qwen2 configs have no head_dim attribute unless one is given)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def hf_config_from_sizes(cfg: Any, vocab_size: int, seq_len: int) -> Any:
-    """An HF config for ``cfg.family`` with the sizes of a ``ModelConfig``-like object."""
+    """An HF config for ``cfg.family`` with the sizes of a ``ModelConfig``-like object (head_dim
+    unset: the family's default, hidden_size // num_heads)."""
     config_cls, _ = _hf_classes(cfg.family)
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     intermediate = cfg.intermediate_size or 64 * -(-int(8 * cfg.hidden_size / 3) // 64)
     kwargs = dict(
         vocab_size=cfg.vocab_size or vocab_size,
@@ -43,7 +52,6 @@ def hf_config_from_sizes(cfg: Any, vocab_size: int, seq_len: int) -> Any:
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
-        head_dim=head_dim,
         max_position_embeddings=cfg.max_position_embeddings or max(seq_len, 2048),
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
@@ -51,29 +59,18 @@ def hf_config_from_sizes(cfg: Any, vocab_size: int, seq_len: int) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_dropout=0.0,
     )
+    if cfg.head_dim is not None:
+        kwargs["head_dim"] = cfg.head_dim
     if cfg.family == "mistral":
         kwargs["sliding_window"] = cfg.sliding_window
     return config_cls(**kwargs)
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a supported model from a local HF directory (config.json + safetensors); no network."""
+    """Load a model from a local HF directory (config.json + safetensors); no network."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"model.path {str(path)!r} has no config.json; point model.path at a local HF model directory"
-        )
-    family = json.loads(config_file.read_text()).get("model_type")
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"model.path {str(path)!r} holds a {family!r} model; supported families: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise FileNotFoundError(f"model.path {str(path)!r} has no *.safetensors weights")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(Path(path), local_files_only=True, dtype=dtype)
 
 
 def build_hf_model(

@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cross_entropy_reference", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "LOSS_CHUNK_ROWS", "cross_entropy_reference", "linear_cross_entropy"]
+
+IGNORE_INDEX = -100  # label value that adds no loss (torch's cross_entropy default)
+LOSS_CHUNK_ROWS = 4096  # rows per chunk: one [chunk, V] block of logits exists at a time
 
 _REDUCTIONS = ("sum", "none")
 
@@ -54,7 +57,7 @@ def cross_entropy_reference(
     weight: Tensor,
     targets: Tensor,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
 ) -> Tensor:
     """The plain oracle: full logits [t, V], then `F.cross_entropy`."""
@@ -68,8 +71,8 @@ def linear_cross_entropy(
     targets_t: Tensor,
     *,
     bias_v: Tensor | None = None,
-    ignore_index: int = -100,
-    chunk_rows: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int = LOSS_CHUNK_ROWS,
     reduction: str = "sum",
 ) -> Tensor:
     """Cross-entropy of `hidden_th @ weight_vh.T (+ bias_v)` against `targets_t`, chunked over rows.

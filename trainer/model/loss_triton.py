@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longtrain.trainer.model.loss import check_loss_args, linear_cross_entropy
+from longtrain.trainer.model.loss import IGNORE_INDEX, LOSS_CHUNK_ROWS, check_loss_args, linear_cross_entropy
 
 try:
     import triton
@@ -52,8 +52,8 @@ def fused_linear_cross_entropy(
     targets_t: Tensor,
     *,
     bias_v: Tensor | None = None,
-    ignore_index: int = -100,
-    chunk_rows: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int = LOSS_CHUNK_ROWS,
     reduction: str = "sum",
 ) -> Tensor:
     """Triton kernels on CUDA, else the chunked torch `linear_cross_entropy` (same arguments).
@@ -86,7 +86,7 @@ def triton_linear_cross_entropy(
     targets_t: Tensor,
     *,
     bias_v: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
     block_t: int = 64,
     block_v: int = 128,
