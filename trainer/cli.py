@@ -32,8 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtrain", description="Memory-efficient long-context training.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with a recipe")
-    train.add_argument("recipe", help="recipe name (see `longtrain recipes`) or path to a YAML file")
-    train.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. train.steps=10")
+    # nargs="?": argparse would otherwise report a missing recipe as "recipe, overrides are required"
+    train.add_argument(
+        "recipe", nargs="?", help="recipe name (see `longtrain recipes`) or path to a YAML file"
+    )
+    train.add_argument("overrides", nargs="*", help="optional Hydra-style overrides, e.g. train.steps=10")
     train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed.run)")
     train.add_argument(
         "--dry-run", action="store_true", help="compose, validate and print the plan; do not train"
@@ -111,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(available_recipes()))
         return 0
+    if args.recipe is None:
+        return _fail(
+            "longtrain train needs a recipe: a bundled name (list them with `longtrain recipes`) "
+            "or a YAML path, e.g. `longtrain train tiny_cpu`"
+        )
     if args.nproc != 1 and not args.dry_run:
         return _launch(args.recipe, args.overrides, args.nproc)
     return run_train(args.recipe, args.overrides, args.dry_run)

@@ -311,3 +311,20 @@ def test_cli_data_source_without_path(capsys, tmp_path):
     assert_cli_error(
         capsys, ["train", "tiny_cpu", "data.source=jsonl", f"output_dir={tmp_path}"], "data.path is required"
     )
+
+
+def test_cli_train_without_recipe_says_the_recipe_is_missing(capsys):
+    """Overrides are optional: the one thing `longtrain train` needs is a recipe."""
+    line = assert_cli_error(capsys, ["train"], "recipe", "longtrain recipes")
+    assert "overrides" not in line
+
+
+BAD_YAML = "train:\n  steps: 3\n   seq_len: 4\n"  # the third line's indent breaks the mapping
+
+
+@pytest.mark.parametrize("options", [[], ["--dry-run"], ["--nproc", "2"]])
+def test_cli_yaml_syntax_error_is_one_line_with_file_line_and_column(capsys, tmp_path, options):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_YAML)
+    line = assert_cli_error(capsys, ["train", str(bad), *options], str(bad))
+    assert "line 3, column 11" in line  # 1-based, as editors count
