@@ -244,7 +244,6 @@ class Job:
                 total_tokens += result.seen_tokens
                 window_tokens += result.seen_tokens
                 window_flops += result.model_flops
-                writer.step_done()
                 last = step == cfg.train.steps
                 metrics: dict[str, Any] = {}
                 if step % cfg.train.log_every == 0 or last:
@@ -271,6 +270,7 @@ class Job:
                 if metrics:
                     writer.log(metrics)
                     logged.append(metrics)
+                writer.step_done()  # after log: the bar's frame for this step shows this step's metrics
                 if self.checkpointer.should_save(step, cfg.train.steps):
                     self.checkpointer.save(
                         step, self.model, self.optimizer, self.scheduler, self.loader.state_dict()
