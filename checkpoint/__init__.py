@@ -2,7 +2,17 @@
 asynchronous in-memory snapshots with erasure coding replace its save path later."""
 
 from .config import CheckpointConfig
-from .sync import CheckpointError, Restored, SyncCheckpointer, is_complete, list_complete
+from .sync import (
+    CheckpointError,
+    Restored,
+    SyncCheckpointer,
+    is_complete,
+    list_complete,
+    list_steps,
+    load_weights,
+    newest_verified,
+    verify,
+)
 
 __all__ = [
     "CheckpointConfig",
@@ -11,4 +21,8 @@ __all__ = [
     "SyncCheckpointer",
     "is_complete",
     "list_complete",
+    "list_steps",
+    "load_weights",
+    "newest_verified",
+    "verify",
 ]
