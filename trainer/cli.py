@@ -54,9 +54,12 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
         if dry_run:
             from .plan import dry_run_report
 
-            report = dry_run_report(cfg)  # may raise a user error: print nothing before it
+            report, problems = dry_run_report(cfg)  # may raise a user error: print nothing before it
             print(to_yaml(cfg))
-            print(report)
+            print(report, flush=True)
+            if problems:  # the sizes above still hold; the job itself would stop here
+                more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if problems[1:] else ""
+                return _fail(f"dry run: {problems[0]}{more}")
             return 0
         job = prepare(cfg)
     except USER_ERRORS as e:
