@@ -15,8 +15,8 @@ leaves a half-written ``step-N``. A checkpoint damaged later (a truncated copy, 
 for by name. Manifests written before checksums existed have sizes only; they are accepted on
 the size check (refusing them would strand the checkpoints of every earlier run).
 
-Readers go through ``verify`` and ``load_weights``, the two functions a later checkpoint format
-changes (the lazy asynchronous in-memory snapshots of the checkpoint package replace the save
+Readers go through ``find_checkpoint`` (or ``verify``) and ``load_weights``, the functions a later
+checkpoint format changes (the lazy asynchronous in-memory snapshots of the checkpoint package replace the save
 path).
 """
 
@@ -146,13 +146,45 @@ def newest_verified(root: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load the parameters of checkpoint ``path`` into ``model`` (HF names; tied weights once)."""
+def find_checkpoint(root: Path, step: int | None = None) -> Path:
+    """Checkpoint ``step`` under ``root``, or the newest that verifies (``newest_verified``, which
+    warns about the newer ones it skips); ``CheckpointError`` when there is none or it fails ``verify``."""
+    if step is None:
+        found = newest_verified(root)
+        if found is None:
+            raise CheckpointError(
+                f"no complete checkpoint under {str(root)!r} (training saves one every checkpoint.every "
+                "steps and after the last when checkpoint.enabled=true)"
+            )
+        return found
+    path = _step_dir(root, step)
+    if not path.is_dir():
+        steps = ", ".join(str(_step_of(p)) for p in list_complete(root)) or "none"
+        raise CheckpointError(
+            f"no checkpoint of step {step} under {str(root)!r} (complete steps there: {steps})"
+        )
+    verify(path)
+    return path
+
+
+RESUME_HINT = "use a new output_dir or checkpoint.resume=never"
+
+
+def load_weights(path: Path, model: nn.Module, model_config: dict[str, Any], hint: str = RESUME_HINT) -> None:
+    """Load the parameters of checkpoint ``path`` (HF names; tied weights stored once) into
+    ``model``, whose architecture ``model_config`` must be the one the checkpoint was written for."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("model_config", {})
+    if saved != model_config:
+        changed = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written for a different model (model.{', model.'.join(changed)} differ); "
+            f"{hint}"
+        )
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "use a new output_dir or checkpoint.resume=never"
+            f"{hint}"
         )
 
 
@@ -232,18 +264,8 @@ class SyncCheckpointer:
         return path
 
     def load(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
+        load_weights(path, model, self.model_config)
         state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("model_config") != self.model_config:
-            changed = sorted(
-                k
-                for k in set(state.get("model_config", {})) | set(self.model_config)
-                if state.get("model_config", {}).get(k) != self.model_config.get(k)
-            )
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was written for a different model (model.{', model.'.join(changed)} differ); "
-                "use a new output_dir or checkpoint.resume=never"
-            )
-        load_weights(path, model)
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])

@@ -2,9 +2,11 @@
 
     longtrain train RECIPE [key=value ...] [--nproc N] [--dry-run]
     longtrain recipes
+    longtrain export RUN_DIR OUT_DIR [--step N]
 
 RECIPE is a name from recipes/ or a YAML path; overrides use Hydra syntax. ``--nproc N`` starts N
 local processes through torch.distributed.run, each running ``python -m longtrain.trainer``.
+``export`` writes a run's checkpoint as a Hugging Face model directory (``export.py``).
 User errors (config keys, files, checkpoints, world size) print one line and exit with status 2.
 """
 
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="compose, validate and print the plan; do not train"
     )
     sub.add_parser("recipes", help="list the bundled recipes")
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory")
+    export.add_argument("run_dir", help="a training output_dir (it holds config.yaml and checkpoints/)")
+    export.add_argument("out_dir", help="the directory to write (new, or empty)")
+    export.add_argument(
+        "--step", type=int, help="checkpoint step to export (default: the newest complete one)"
+    )
     return parser
 
 
@@ -77,6 +85,19 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
             )
     finally:
         job.close()
+    return 0
+
+
+def run_export(run_dir: str, out_dir: str, step: int | None) -> int:
+    from .export import export  # heavy imports after argument parsing
+
+    try:
+        checkpoint = export(run_dir, out_dir, step)
+    except USER_ERRORS as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(
+        f"longtrain: exported {checkpoint} to {out_dir} (load it with AutoModelForCausalLM.from_pretrained)"
+    )
     return 0
 
 
@@ -117,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(available_recipes()))
         return 0
+    if args.command == "export":
+        return run_export(args.run_dir, args.out_dir, args.step)
     if args.recipe is None:
         return _fail(
             "longtrain train needs a recipe: a bundled name (list them with `longtrain recipes`) "

@@ -21,24 +21,28 @@ from longtrain.trainer.data import Tokenizer, load_tokenizer
 from longtrain.trainer.data.sources import resolve_data_files
 
 from .config import ConfigError, JobConfig
-from .model.hf import _hf_classes, hf_config_from_sizes
+from .model.hf import hf_config_from_sizes
 from .train import check_tokenizer
 
 GIB = 2**30
 
 
+def model_config(cfg: JobConfig, vocab_size: int) -> Any:
+    """The HF config of the job's model: ``model.path``'s, or built from the ``model.*`` sizes
+    (``vocab_size``: the tokenizer's, unless ``model.vocab_size`` is set)."""
+    if cfg.model.path:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
+    return hf_config_from_sizes(cfg.model, vocab_size, cfg.train.seq_len)
+
+
 def meta_model(cfg: JobConfig, vocab_size: int):
     """The job's HF model on the meta device (shapes only, no memory)."""
-    if cfg.model.path:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        hf_config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
-    hf_config = hf_config_from_sizes(cfg.model, vocab_size, cfg.train.seq_len)
-    _, model_cls = _hf_classes(cfg.model.family)
     with torch.device("meta"):
-        return model_cls(hf_config)
+        return AutoModelForCausalLM.from_config(model_config(cfg, vocab_size))
 
 
 @dataclass(frozen=True)

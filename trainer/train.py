@@ -89,12 +89,18 @@ def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, Pac
     return data.tokenizer, loader, data.val
 
 
+def param_dtype(cfg: JobConfig) -> torch.dtype:
+    """The parameters' (and checkpoints') dtype: bf16 runs keep fp32 master weights and autocast;
+    float64 is for exactness checks."""
+    return torch.float64 if cfg.train.dtype == "float64" else torch.float32
+
+
 def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     """HF model (identically seeded on every rank) -> adapter -> activation-memory executor."""
     torch.manual_seed(cfg.seed)
-    # bf16 runs keep fp32 master weights and autocast; float64 is for exactness checks.
-    param_dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-    hf_model = build_hf_model(cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype)
+    hf_model = build_hf_model(
+        cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype(cfg)
+    )
     hf_config = cast("PreTrainedConfig", hf_model.config)  # nn.Module's __getattr__ says Tensor | Module
     if hf_config.vocab_size < vocab_size:
         raise ValueError(
