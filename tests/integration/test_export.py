@@ -167,4 +167,4 @@ def test_export_errors_are_one_line_and_lose_nothing(capsys, tmp_path, tiny_run)
     weights[-1] ^= 0xFF
     (copy / "model.safetensors").write_bytes(bytes(weights))
     error(damaged, tmp_path / "d", "--step", 1, needles=["model.safetensors", "sha256"])
-    assert not (tmp_path / "d").exists() and not list(tmp_path.glob("d.*"))
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*"))  # nor its staging directory
