@@ -61,9 +61,9 @@ def check_tokenizer(cfg: JobConfig, tokenizer: Tokenizer) -> None:
     is_model_dir = cfg.model.path is not None and Path(spec).resolve() == Path(cfg.model.path).resolve()
     where = f"data.tokenizer (= model.path {spec!r})" if is_model_dir else f"data.tokenizer={spec!r}"
     raise ConfigError(
-        f"{where} encodes text to no tokens (a vocabulary of {tokenizer.vocab_size}): that directory has no "
-        "tokenizer files; copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) there or set "
-        "data.tokenizer to a directory that has them"
+        f"{where} encodes text to no tokens (a vocabulary of {tokenizer.vocab_size}, what transformers makes "
+        "of a directory without tokenizer files); copy the model's tokenizer files (tokenizer.json, "
+        "tokenizer_config.json) there or set data.tokenizer to a directory that has them"
     )
 
 
