@@ -56,8 +56,9 @@ def qwen2_without_tokenizer(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("options", [[], ["--dry-run"]])
 def test_model_dir_without_tokenizer_files_is_an_error_naming_both_keys(
-    capsys, tmp_path, qwen2_without_tokenizer
+    capsys, tmp_path, qwen2_without_tokenizer, options
 ):
     """qwen2_finetune's default data.tokenizer is model.path: without tokenizer files there,
     transformers builds a tokenizer of one token that encodes every document to nothing."""
@@ -72,6 +73,7 @@ def test_model_dir_without_tokenizer_files_is_an_error_naming_both_keys(
             f"data.path={data}",
             *SMALL,
             f"output_dir={out}",
+            *options,
         ],
         "data.tokenizer",
         "model.path",
