@@ -2,9 +2,11 @@
 
     longtrain train RECIPE [key=value ...] [--nproc N] [--dry-run]
     longtrain recipes
+    longtrain export RUN_DIR OUT_DIR [--step N]
 
 RECIPE is a name from recipes/ or a YAML path; overrides use Hydra syntax. ``--nproc N`` starts N
 local processes through torch.distributed.run, each running ``python -m longtrain.trainer``.
+``export`` writes a run's checkpoint as a Hugging Face model directory (``export.py``).
 User errors (config keys, files, checkpoints, world size) print one line and exit with status 2.
 """
 
@@ -32,13 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtrain", description="Memory-efficient long-context training.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with a recipe")
-    train.add_argument("recipe", help="recipe name (see `longtrain recipes`) or path to a YAML file")
-    train.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. train.steps=10")
+    # nargs="?": argparse would otherwise report a missing recipe as "recipe, overrides are required"
+    train.add_argument(
+        "recipe", nargs="?", help="recipe name (see `longtrain recipes`) or path to a YAML file"
+    )
+    train.add_argument("overrides", nargs="*", help="optional Hydra-style overrides, e.g. train.steps=10")
     train.add_argument("--nproc", type=int, default=1, help="local processes (torch.distributed.run)")
     train.add_argument(
         "--dry-run", action="store_true", help="compose, validate and print the plan; do not train"
     )
     sub.add_parser("recipes", help="list the bundled recipes")
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory")
+    export.add_argument("run_dir", help="a training output_dir (it holds config.yaml and checkpoints/)")
+    export.add_argument("out_dir", help="the directory to write (new, or empty)")
+    export.add_argument(
+        "--step", type=int, help="checkpoint step to export (default: the newest complete one)"
+    )
     return parser
 
 
@@ -51,9 +62,12 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
         if dry_run:
             from .plan import dry_run_report
 
-            report = dry_run_report(cfg)  # may raise a user error: print nothing before it
+            report, problems = dry_run_report(cfg)  # may raise a user error: print nothing before it
             print(to_yaml(cfg))
-            print(report)
+            print(report, flush=True)
+            if problems:  # the sizes above still hold; the job itself would stop here
+                more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if problems[1:] else ""
+                return _fail(f"dry run: {problems[0]}{more}")
             return 0
         job = prepare(cfg)
     except USER_ERRORS as e:
@@ -71,6 +85,19 @@ def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
             )
     finally:
         job.close()
+    return 0
+
+
+def run_export(run_dir: str, out_dir: str, step: int | None) -> int:
+    from .export import export  # heavy imports after argument parsing
+
+    try:
+        checkpoint = export(run_dir, out_dir, step)
+    except USER_ERRORS as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(
+        f"longtrain: exported {checkpoint} to {out_dir} (load it with AutoModelForCausalLM.from_pretrained)"
+    )
     return 0
 
 
@@ -111,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(available_recipes()))
         return 0
+    if args.command == "export":
+        return run_export(args.run_dir, args.out_dir, args.step)
+    if args.recipe is None:
+        return _fail(
+            "longtrain train needs a recipe: a bundled name (list them with `longtrain recipes`) "
+            "or a YAML path, e.g. `longtrain train tiny_cpu`"
+        )
     if args.nproc != 1 and not args.dry_run:
         return _launch(args.recipe, args.overrides, args.nproc)
     return run_train(args.recipe, args.overrides, args.dry_run)

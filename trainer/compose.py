@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, cast
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -99,6 +100,18 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _load_recipe(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:  # a syntax error: where it is, in an editor's 1-based terms
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = e.problem or e.context or "invalid YAML"
+        raise ConfigError(f"recipe {str(path)!r}{where}: {what} (YAML syntax)") from None
+    except (yaml.YAMLError, OmegaConfBaseException, OSError, ValueError) as e:
+        raise ConfigError(f"cannot read recipe {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
 def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Compose and validate the job config of ``recipe`` with Hydra-syntax ``overrides``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -106,10 +119,7 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConf
 
     path = resolve_recipe(recipe)
     schema = _schema(JobConfig)
-    try:
-        recipe_cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read recipe {str(path)!r}: {str(e).splitlines()[0]}") from None
+    recipe_cfg = _load_recipe(path)
     recipe_dict = OmegaConf.to_container(recipe_cfg, resolve=False) or {}
     if not isinstance(recipe_dict, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of config keys")

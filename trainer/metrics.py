@@ -150,6 +150,16 @@ class MetricsWriter:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=metrics["step"])
 
+    def warn(self, message: str) -> None:
+        """``longtrain: warning: message`` on stderr (through the bar, so that it stays whole)."""
+        if not self.enabled:
+            return
+        line = f"longtrain: warning: {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if not self.enabled:
             return

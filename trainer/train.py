@@ -25,6 +25,7 @@ from longtrain.optim import build_optimizer as make_optimizer
 from longtrain.optim import build_scheduler
 from longtrain.parallel import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
 from longtrain.trainer.data import (
+    IGNORE_INDEX,
     MicroBatch,
     PackedLoader,
     PackedRows,
@@ -45,11 +46,51 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def check_tokenizer(cfg: JobConfig, tokenizer: Tokenizer) -> None:
+    """A tokenizer must turn text into tokens. Given a model directory without tokenizer files
+    (only config.json and weights), transformers builds one with a single token that encodes every
+    text to nothing; training on its output would train on nothing."""
+    if tokenizer.encode(TOKENIZER_PROBE):
+        return
+    spec = cfg.data.tokenizer
+    is_model_dir = cfg.model.path is not None and Path(spec).resolve() == Path(cfg.model.path).resolve()
+    where = f"data.tokenizer (= model.path {spec!r})" if is_model_dir else f"data.tokenizer={spec!r}"
+    raise ConfigError(
+        f"{where} encodes text to no tokens (a vocabulary of {tokenizer.vocab_size}, what transformers makes "
+        "of a directory without tokenizer files); copy the model's tokenizer files (tokenizer.json, "
+        "tokenizer_config.json) there or set data.tokenizer to a directory that has them"
+    )
+
+
+def check_loss_tokens(cfg: JobConfig, rows: PackedRows) -> None:
+    """Packed rows must hold at least one target: a document's first token is never one, so
+    documents of one token (after tokenization, bos and eos included) give none."""
+    if bool((rows.labels != IGNORE_INDEX).any()):
+        return
+    source = f"data.path={cfg.data.path!r}" if cfg.data.path else f"data.source={cfg.data.source!r}"
+    raise ConfigError(
+        f"the training data has no loss tokens: the {rows.num_documents} documents of {source} are one "
+        "token each with data.tokenizer, and a document's first token is never a target; use longer "
+        "documents, data.add_eos=true or another data.tokenizer"
+    )
+
+
 def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, PackedRows | None]:
     """Tokenizer, this rank's training loader and the validation rows (``data.val_fraction > 0``)."""
     data = build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed)
+    check_tokenizer(cfg, data.tokenizer)
+    check_loss_tokens(cfg, data.train)
     loader = train_loader(data, cfg.data, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
     return data.tokenizer, loader, data.val
+
+
+def param_dtype(cfg: JobConfig) -> torch.dtype:
+    """The parameters' (and checkpoints') dtype: bf16 runs keep fp32 master weights and autocast;
+    float64 is for exactness checks."""
+    return torch.float64 if cfg.train.dtype == "float64" else torch.float32
 
 
 def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
@@ -62,9 +103,9 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
             f"model.attention={cfg.model.attention} needs the flash-attn package on CUDA ({e}); use auto or sdpa"
         ) from None
     torch.manual_seed(cfg.seed)
-    # bf16 runs keep fp32 master weights and autocast; float64 is for exactness checks.
-    param_dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-    hf_model = build_hf_model(cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype)
+    hf_model = build_hf_model(
+        cfg.model, vocab_size=vocab_size, seq_len=cfg.train.seq_len, dtype=param_dtype(cfg)
+    )
     hf_config = cast("PreTrainedConfig", hf_model.config)  # nn.Module's __getattr__ says Tensor | Module
     if hf_config.vocab_size < vocab_size:
         raise ConfigError(
@@ -247,7 +288,11 @@ class Job:
                 total_tokens += result.seen_tokens
                 window_tokens += result.seen_tokens
                 window_flops += result.model_flops
-                writer.step_done()
+                if result.num_tokens == 0:
+                    writer.warn(
+                        f"step {step} had no loss tokens on any rank (loss 0, zero gradients): its "
+                        "micro-batches hold only document starts and padding"
+                    )
                 last = step == cfg.train.steps
                 metrics: dict[str, Any] = {}
                 if step % cfg.train.log_every == 0 or last:
@@ -274,6 +319,7 @@ class Job:
                 if metrics:
                     writer.log(metrics)
                     logged.append(metrics)
+                writer.step_done()  # after log: the bar's frame for this step shows this step's metrics
                 if self.checkpointer.should_save(step, cfg.train.steps):
                     self.checkpointer.save(
                         step, self.model, self.optimizer, self.scheduler, self.loader.state_dict()

@@ -228,3 +228,20 @@ def test_cli_end_to_end(tmp_path, longtrain_cmd, capsys):
     assert main(cmd[len(longtrain_cmd) :]) == 0
     assert "already finished 4 steps" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out)] == [2, 4]
+
+
+def test_progress_bar_shows_the_current_steps_loss(tmp_path, monkeypatch, capsys, one_intra_op_thread):
+    """Every frame "k/N" of the bar shows step k's loss (not step k-1's)."""
+    import functools
+    import re
+
+    import tqdm
+
+    # print every update (the default 0.1 s minimum interval would skip frames of fast steps)
+    monkeypatch.setattr(tqdm, "tqdm", functools.partial(tqdm.tqdm, mininterval=0, miniters=1))
+    overrides = [*FAST, "train.steps=3", "train.log_every=1", "optim.warmup_steps=1", "model.num_layers=1"]
+    cfg = compose("tiny_cpu", [*overrides, "logging.progress=true", f"output_dir={tmp_path}"])
+    logged = train(cfg)
+    frames = re.findall(r" (\d+)/3 \[[^\]]*loss=([0-9.]+)", capsys.readouterr().err)
+    shown = {int(step): loss for step, loss in frames}
+    assert shown == {r["step"]: f"{r['loss']:.4f}" for r in logged}

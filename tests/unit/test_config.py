@@ -275,12 +275,24 @@ def test_cli_recipes_lists_names(capsys):
     assert out.split() == sorted(RECIPES)
 
 
-@pytest.mark.parametrize("recipe", ["tiny_cpu", "llama3_8b_128k", "memo_7b_1m"])
-def test_cli_dry_run(capsys, recipe):
-    code, out, err = run_cli(capsys, ["train", recipe, "--dry-run"])
+def test_cli_dry_run(capsys):
+    code, out, err = run_cli(capsys, ["train", "tiny_cpu", "--dry-run"])
     assert code == 0, err
     assert out.rstrip().endswith("dry run: config is valid")
-    assert "output_dir: outputs/" + recipe in out  # the composed config is printed
+    assert "output_dir: outputs/tiny_cpu" in out  # the composed config is printed
+
+
+@pytest.mark.parametrize("recipe", ["llama3_8b_128k", "memo_7b_1m"])
+def test_cli_dry_run_of_a_recipe_without_its_data_prints_sizes_then_names_the_paths(capsys, recipe):
+    """The large recipes point at data and tokenizer paths that do not exist here: the sizes are
+    printed, then one error line names data.path and data.tokenizer (the job would stop there)."""
+    code, out, err = run_cli(capsys, ["train", recipe, "--dry-run"])
+    assert code == 2
+    assert "output_dir: outputs/" + recipe in out and "model states" in out
+    assert "config is valid" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longtrain: error: dry run: data.path"), err
+    assert "data.tokenizer" in lines[0]
 
 
 def test_cli_overrides_may_follow_options(capsys):
@@ -327,10 +339,19 @@ def tiny_qwen2_dir(tmp_path_factory):
     return path
 
 
-def test_cli_dry_run_qwen2_finetune_with_local_model(capsys, tiny_qwen2_dir):
+def test_cli_dry_run_qwen2_finetune_with_local_model(capsys, tiny_qwen2_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"text": "a document"}\n')
     code, out, err = run_cli(
         capsys,
-        ["train", "qwen2_finetune", f"model.path={tiny_qwen2_dir}", "data.tokenizer=bundled", "--dry-run"],
+        [
+            "train",
+            "qwen2_finetune",
+            f"model.path={tiny_qwen2_dir}",
+            f"data.path={data}",
+            "data.tokenizer=bundled",
+            "--dry-run",
+        ],
     )
     assert code == 0, err
     assert "model: qwen2, 2 layers, hidden 32" in out
@@ -364,3 +385,20 @@ def test_cli_data_source_without_path(capsys, tmp_path):
     assert_cli_error(
         capsys, ["train", "tiny_cpu", "data.source=jsonl", f"output_dir={tmp_path}"], "data.path is required"
     )
+
+
+def test_cli_train_without_recipe_says_the_recipe_is_missing(capsys):
+    """Overrides are optional: the one thing `longtrain train` needs is a recipe."""
+    line = assert_cli_error(capsys, ["train"], "recipe", "longtrain recipes")
+    assert "overrides" not in line
+
+
+BAD_YAML = "train:\n  steps: 3\n   seq_len: 4\n"  # the third line's indent breaks the mapping
+
+
+@pytest.mark.parametrize("options", [[], ["--dry-run"], ["--nproc", "2"]])
+def test_cli_yaml_syntax_error_is_one_line_with_file_line_and_column(capsys, tmp_path, options):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_YAML)
+    line = assert_cli_error(capsys, ["train", str(bad), *options], str(bad))
+    assert "line 3, column 11" in line  # 1-based, as editors count

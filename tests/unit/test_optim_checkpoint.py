@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -247,3 +248,64 @@ def test_disabled_checkpointing_never_saves(tmp_path):
     assert not any(ckpt.should_save(s, 10) for s in range(1, 11))
     ckpt = checkpointer(tmp_path, every=4)
     assert [s for s in range(1, 11) if ckpt.should_save(s, 10)] == [4, 8, 10]
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_holds_the_sha256_of_every_file(tmp_path, make_tiny_model):
+    model, opt, sched = trained_state(make_tiny_model, steps=1)
+    path = checkpointer(tmp_path).save(5, model, opt, sched, {})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    for name, digest in manifest["sha256"].items():
+        assert digest == hashlib.sha256((path / name).read_bytes()).hexdigest(), name
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate", "model.safetensors has"),  # the size no longer matches
+        ("flip", "optimizer.pt does not match its sha256"),  # same size, other bytes
+    ],
+)
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(
+    tmp_path, make_tiny_model, capsys, damage, reason
+):
+    model, opt, sched = trained_state(make_tiny_model, steps=1)
+    ckpt = checkpointer(tmp_path, keep=0)
+    older = ckpt.save(2, model, opt, sched, {})
+    newest = ckpt.save(3, model, opt, sched, {})
+    if damage == "truncate":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        _flip_last_byte(newest / "optimizer.pt")
+    capsys.readouterr()
+
+    assert ckpt.find_resume() == older
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longtrain: warning: skipping"), err
+    assert str(newest) in err[0] and reason in err[0]
+
+    # asked for by name, the damaged checkpoint is a one-line error naming the key and the file
+    with pytest.raises(CheckpointError, match="checkpoint.resume") as e:
+        checkpointer(tmp_path, resume=str(newest)).find_resume()
+    assert reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_manifest_without_checksums_is_accepted_on_its_sizes(tmp_path, make_tiny_model):
+    """Checkpoints of earlier versions list sizes only: a size check still catches truncation."""
+    model, opt, sched = trained_state(make_tiny_model, steps=1)
+    ckpt = checkpointer(tmp_path, keep=0)
+    older, newest = ckpt.save(2, model, opt, sched, {}), ckpt.save(3, model, opt, sched, {})
+    for path in (older, newest):
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["sha256"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt.find_resume() == newest
+    (newest / "optimizer.pt").write_bytes(b"")
+    assert ckpt.find_resume() == older

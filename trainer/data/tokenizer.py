@@ -61,6 +61,22 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer as files that ``transformers.AutoTokenizer.from_pretrained`` loads
+        (a ``tokenizers`` backend is wrapped in a ``PreTrainedTokenizerFast`` with its special tokens)."""
+        if self._is_hf:
+            self._backend.save_pretrained(str(directory))
+            return
+        from transformers import PreTrainedTokenizerFast
+
+        token = self._backend.id_to_token
+        PreTrainedTokenizerFast(
+            tokenizer_object=self._backend,
+            eos_token=token(self.eos_id),
+            bos_token=None if self.bos_id is None else token(self.bos_id),
+            pad_token=token(self.pad_id),
+        ).save_pretrained(str(directory))
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
