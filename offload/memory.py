@@ -66,6 +66,15 @@ class HostBuffers:
         )  # storage objects live as long as their memory
         return buffer
 
+    def lend(self, buffer: Tensor) -> Tensor:
+        """``buffer`` handed to compute in place (a CPU device reading its host tier): the returned
+        tensor counts as device memory until it is garbage collected, as a device copy would."""
+        view = buffer.detach()  # a tensor object of its own on the same memory
+        nbytes = view.numel() * view.element_size()
+        self._add(-nbytes)
+        weakref.finalize(view, self._add, nbytes)
+        return view
+
     def nbytes(self) -> int:
         return self._bytes
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from longtrain.config_checks import ConfigError
 
-from .memory import host_empty
+from .memory import HOST_BUFFERS, host_empty
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -95,11 +95,9 @@ class HostStore:
         buf = self._buffers[key]
         if device.type != "cpu":
             return buf.to(device, non_blocking=non_blocking)
-        # A device copy, as on a GPU, although a CPU device could read the buffer itself: compute then
-        # holds device memory of its own (what the device-bytes count sees) and never aliases the store.
-        out = torch.empty_like(buf)
-        np.copyto(_bytes_of(out), _bytes_of(buf))
-        return out
+        # A CPU device reads the buffer in place (no copy); while compute holds it, it counts as device
+        # memory, as the device copy a GPU would make.
+        return HOST_BUFFERS.lend(buf)
 
     def nbytes(self) -> int:
         return sum(self._buffers[k].numel() * self._buffers[k].element_size() for k in self._live)

@@ -12,7 +12,7 @@ Systems (same weights, same random tokens, fp32, batch 1, one document, 2 torch 
     tokenwise          ours at its fastest: host tier, alpha auto, keep_last 2
     tokenwise_matched  ours at checkpoint's device memory: host tier, alpha and keep_last chosen so that
                        its measured device bytes fit checkpoint's (see "matched memory" below)
-    tokenwise_file     ours for memory: file tier (O_DIRECT), alpha 0, keep_last 2
+    tokenwise_file     ours for memory: file tier (O_DIRECT), alpha 0, keep_last 0
 
 Fairness, the same for every system:
 
@@ -96,7 +96,7 @@ def activation_cfg(system: str, args, matched: dict | None = None) -> dict:
             "mode": "tokenwise",
             "alpha": FILE_ALPHA,
             "tier": "file",
-            "keep_last": 2,
+            "keep_last": 0,
             "file_dir": args.file_dir,
         },
     }

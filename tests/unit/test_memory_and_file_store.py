@@ -128,3 +128,20 @@ def test_file_store_without_o_direct_warns_and_still_round_trips(tmp_path, monke
     fs.write(("x",), x)
     assert torch.equal(fs.read(("x",), torch.device("cpu")), x)
     fs.close()
+
+
+@needs_mallinfo
+def test_counter_counts_a_host_buffer_lent_to_compute():
+    """A CPU device reads its host tier in place: while compute holds the buffer it is device memory
+    (a GPU would hold a device copy), and it is host memory again once compute drops it."""
+    hs = store.HostStore()
+    hs.write(("x",), torch.ones(4 * MiB // 4))
+    with DeviceBytesCounter("cpu") as held:
+        lent = hs.read(("x",), torch.device("cpu"))
+        lent.sum()
+    assert held.peak_bytes >= 4 * MiB
+    del lent
+    with DeviceBytesCounter("cpu") as dropped:
+        torch.ones(4)
+    assert dropped.peak_bytes < MiB and dropped.base_bytes < held.base_bytes + 4 * MiB
+    hs.close()

@@ -491,7 +491,10 @@ def test_host_store_release_drops_the_buffer():
     s = store.HostStore()
     s.write(("k",), torch.ones(1000))
     assert HOST_BUFFERS.nbytes() - before == 4000
-    assert torch.equal(s.read(("k",), torch.device("cpu")), torch.ones(1000))  # a device copy
+    lent = s.read(("k",), torch.device("cpu"))  # read in place on a CPU device: device bytes while held
+    assert torch.equal(lent, torch.ones(1000)) and HOST_BUFFERS.nbytes() == before
+    del lent
+    assert HOST_BUFFERS.nbytes() - before == 4000
     s.release(("k",))
     assert HOST_BUFFERS.nbytes() == before and s.nbytes() == 0
 
