@@ -1,0 +1,472 @@
+"""The optimizer container: clip, step and zero_grad over sub-groups whose state lives on tiers.
+
+    optimizer = build_optimizer(model, cfg.optim)          # optim/build.py
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)  # LambdaLR over optimizer.param_groups
+    for each step:
+        for each micro-batch: forward; [optimizer.before_last_backward() before the last]; backward
+        grad_norm = optimizer.clip_and_step()              # clip, update every sub-group, zero grads
+        scheduler.step()
+
+It is a ``torch.optim.Optimizer`` whose ``param_groups`` are the model's decay / no-decay groups
+(what the scheduler sets ``lr`` on). Underneath, the parameters are split into sub-groups (whole
+tensors, model order; ``placement.py``), each updated by its own library optimizer on the tier
+where its AdamW state (m, v) lives:
+
+- device: ``torch.optim.AdamW`` (or SGD) over the parameters, state beside them;
+- dram: a CPU AdamW (``cpu_adam.py``: torch fused or DeepSpeedCPUAdam) with m, v in registered
+  host memory (pinned on CUDA), updated in place;
+- cxl, nvme: the same CPU AdamW on m, v loaded into a DRAM staging slot before the update and
+  stored back after (``staging.py``, ``tiers.py``).
+On a CPU device the CPU AdamW updates the parameters and reads ``p.grad`` in place. On CUDA it
+works on a pinned host buffer allocated once: the sub-group's parameters and gradients are copied
+to it, updated, and the parameters copied back (parameters are float32 or float64 here, so they
+are their own master weights and no separate master copy is kept).
+
+Clipping (``optim.grad_clip``): the global norm is the norm of the per-tensor gradient norms, as
+``torch.nn.utils.clip_grad_norm_`` computes it. Each sub-group's norms are computed as soon as its
+gradients are complete; no update starts before the global norm is known (it needs every
+gradient), and the update multiplies the gradients it reads by
+``min(1, grad_clip / (norm + 1e-6))``: ``p.grad`` in place on a CPU device and on the device tier,
+as ``clip_grad_norm_`` does; on CUDA, the host copy of the host tiers (``p.grad`` stays unscaled
+there, and ``clip_and_step`` drops it). The result equals ``clip_grad_norm_`` then AdamW.
+
+Overlap with backward (``optim.overlap``, one data-parallel rank): the loop calls
+``before_last_backward()`` before the backward of a step's last micro-batch. Gradients are final
+only after it (with accumulation, earlier backwards add to them), so only then do the hooks
+(``register_post_accumulate_grad_hook``) count, per sub-group, the accumulations of each tensor.
+A sub-group whose tensors have all received as many accumulations as in the previous step's last
+backward (a tensor may receive several: tied weights, tiles) is complete: its norms start on the
+update thread, and without clipping its update too. Updates run in arrival order (last sub-group
+first), the order in which the staged tiers are prefetched, which starts at
+``before_last_backward()``. The first step has no counts yet and updates everything in ``step()``;
+a tensor that receives more accumulations than counted raises instead of being updated early. Under
+data parallelism the gradients are final only after ``sync_gradients``, so the trainer builds the
+container with ``overlap_backward=False`` and every update starts in ``step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from longtrain.offload.direct_io import aligned_buffer
+from longtrain.offload.memory import host_empty
+
+from .config import OptimConfig
+from .cpu_adam import make_cpu_adam
+from .placement import STAGED, Placement, arrival_order
+from .staging import Staging
+from .tiers import CxlTier, NvmeTier, StagedTier
+
+
+@dataclass
+class SubGroup:
+    index: int
+    tier: str
+    params: list[nn.Parameter]  # whole tensors, model order
+    offsets: list[int]  # element offset of each tensor in m (and, after numel, in v)
+    numel: int
+    inner: torch.optim.Optimizer
+    work: list[Tensor]  # what ``inner`` updates: the parameters, or their host copies on CUDA
+    home: Tensor | None  # flat [2 * numel] state on the device or dram tier; None when staged
+    inner_public: list[int]  # the param_groups index of each of inner.param_groups
+    grad_views: list[Tensor] = field(default_factory=list)  # CUDA: host gradient of each tensor
+
+
+class OptimizerContainer(torch.optim.Optimizer):
+    """See the module docstring. Built by ``build_optimizer``."""
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        defaults: dict[str, Any],
+        subgroups: Sequence[Sequence[nn.Parameter]],
+        placement: Placement,
+        cfg: OptimConfig,
+        *,
+        cpu_impl: str = "torch",
+        cxl_node: int | None = None,
+        overlap_backward: bool = True,
+    ):
+        super().__init__(groups, defaults)
+        self.name = cfg.name
+        self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else None
+        self.cpu_impl = cpu_impl
+        self.placement = placement
+        params = [p for sub in subgroups for p in sub]
+        self.device = params[0].device
+        public = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
+        host_numels = [
+            sum(p.numel() for p in sub)
+            for sub, t in zip(subgroups, placement.tiers, strict=True)
+            if t != "device"
+        ]
+        self._work_buf = self._work_buffer(params, max(host_numels, default=0))
+        self._groups = [
+            self._subgroup(i, list(sub), tier, public)
+            for i, (sub, tier) in enumerate(zip(subgroups, placement.tiers, strict=True))
+        ]
+        self._order = arrival_order(len(self._groups))
+        staged = {t for t in placement.tiers if t in STAGED}
+        sizes = {t: {g.index: self._state_bytes(g) for g in self._groups if g.tier == t} for t in staged}
+        self._tiers: dict[str, StagedTier] = {}
+        if "nvme" in staged:
+            assert cfg.nvme_dir is not None  # build_optimizer checks it
+            self._tiers["nvme"] = NvmeTier(cfg.nvme_dir, sizes["nvme"])
+        if "cxl" in staged:
+            self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
+        self._staging: Staging | None = None
+        if staged:
+            pin = self.device.type == "cuda"
+            slots = [aligned_buffer(placement.slot_bytes, pin=pin) for _ in range(placement.staging_slots)]
+            by_group = {g.index: self._tiers[g.tier] for g in self._groups if g.tier in STAGED}
+            self._staging = Staging(by_group, self._order, slots)
+        self._updater = ThreadPoolExecutor(1, thread_name_prefix="optim-update")
+        # overlap bookkeeping (see the module docstring)
+        self._index = {p: i for i, p in enumerate(params)}
+        self._group_of = [g.index for g in self._groups for _ in g.params]
+        self._armed = False
+        self._expected: list[int] | None = None
+        self._seen = [0] * len(params)
+        self._remaining = [0] * len(self._groups)
+        self._blocked = [False] * len(self._groups)
+        self._norms: dict[int, Future[list[Tensor]]] = {}
+        self._updates: list[Future[None]] = []
+        self._next_update = 0  # position in self._order of the next update to submit
+        self._hooks = []
+        if overlap_backward and cfg.overlap:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._exposed_s = 0.0  # this step's time on the calling thread so far
+        self._update_s = 0.0  # update-thread time, all steps
+        self._last = {"optim_exposed_s": 0.0, "optim_update_s": 0.0}
+
+    # ------------------------------------------------------------------ construction
+
+    def _work_buffer(self, params: list[nn.Parameter], numel: int) -> Tensor | None:
+        """On CUDA: the pinned host buffer [parameters | gradients] the host tiers update in."""
+        if self.device.type == "cpu" or numel == 0:
+            return None
+        dtype = params[0].dtype
+        return host_empty(2 * numel * dtype.itemsize, pin=True).view(dtype)
+
+    def _state_bytes(self, g: SubGroup) -> int:
+        return 2 * g.numel * g.params[0].dtype.itemsize
+
+    def _subgroup(self, index: int, params: list[nn.Parameter], tier: str, public: dict) -> SubGroup:
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"sub-group {index} mixes parameter dtypes {sorted(map(str, dtypes))}")
+        offsets, numel = [], 0
+        for p in params:
+            offsets.append(numel)
+            numel += p.numel()
+        work: list[Tensor] = list(params)
+        grad_views: list[Tensor] = []
+        if tier != "device" and self._work_buf is not None:
+            half = self._work_buf.numel() // 2
+            work = [
+                self._work_buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params, strict=True)
+            ]
+            grad_views = [
+                self._work_buf[half + o : half + o + p.numel()].view_as(p)
+                for o, p in zip(offsets, params, strict=True)
+            ]
+        members = [public[p] for p in params]
+        inner_groups, inner_public = [], []
+        for gi, group in enumerate(self.param_groups):
+            mine = [w for w, m in zip(work, members, strict=True) if m == gi]
+            if mine:
+                inner_groups.append({"params": mine, **{k: v for k, v in group.items() if k != "params"}})
+                inner_public.append(gi)
+        home = None
+        if tier == "device":
+            if self.name == "sgd":
+                inner: torch.optim.Optimizer = torch.optim.SGD(inner_groups, lr=self.defaults["lr"])
+            else:
+                inner = torch.optim.AdamW(inner_groups)
+                home = torch.zeros(2 * numel, dtype=params[0].dtype, device=self.device)
+        else:
+            inner = make_cpu_adam(self.cpu_impl, inner_groups)
+            if tier == "dram":
+                nbytes = 2 * numel * params[0].dtype.itemsize
+                home = host_empty(nbytes, pin=self.device.type == "cuda").view(params[0].dtype).zero_()
+        g = SubGroup(index, tier, params, offsets, numel, inner, work, home, inner_public, grad_views)
+        if self.name == "adamw":
+            for w in work:
+                inner.state[w] = {"step": 0 if self._ds(g) else torch.tensor(0.0, dtype=torch.float32)}
+            if home is not None:
+                self._bind(g, home)
+        return g
+
+    def _ds(self, g: SubGroup) -> bool:
+        return g.tier != "device" and self.cpu_impl == "deepspeed"
+
+    def _bind(self, g: SubGroup, flat: Tensor) -> None:
+        """Point the inner AdamW's m, v of ``g`` at ``flat`` ([2 * numel], or a uint8 slot)."""
+        dtype = g.params[0].dtype
+        if flat.dtype != dtype:
+            flat = flat[: 2 * g.numel * dtype.itemsize].view(dtype)
+        for o, w in zip(g.offsets, g.work, strict=True):
+            st = g.inner.state[w]
+            st["exp_avg"] = flat[o : o + w.numel()].view_as(w)
+            st["exp_avg_sq"] = flat[g.numel + o : g.numel + o + w.numel()].view_as(w)
+
+    # ------------------------------------------------------------------ overlap with backward
+
+    def before_last_backward(self) -> None:
+        """The next backward is the last of this step: its gradients are final and may start the
+        updates (see the module docstring); the staged tiers start loading now."""
+        start = time.perf_counter()
+        self._armed = True
+        self._seen = [0] * len(self._seen)
+        self._blocked = [False] * len(self._groups)
+        if self._expected is not None:
+            for g in self._groups:
+                self._remaining[g.index] = sum(1 for p in g.params if self._expected[self._index[p]] > 0)
+        if self._staging is not None:
+            self._staging.start()
+        self._exposed_s += time.perf_counter() - start
+
+    def _on_grad(self, p: Tensor) -> None:
+        if not self._armed:
+            return
+        i = self._index[p]
+        self._seen[i] += 1
+        expected, g = self._expected, self._group_of[i]
+        if expected is None or self._blocked[g]:
+            return
+        if self._seen[i] > expected[i]:
+            if g in self._norms:
+                raise RuntimeError(
+                    f"a parameter of optimizer sub-group {g} received more gradient accumulations in this "
+                    "backward than in the previous step's, after its update had started; set optim.overlap=false"
+                )
+            self._blocked[g] = True  # counts changed: this sub-group waits for step()
+            return
+        if self._seen[i] == expected[i]:
+            self._remaining[g] -= 1
+            if self._remaining[g] == 0:
+                self._start(g)
+
+    def _start(self, g: int) -> None:
+        """Sub-group ``g``'s gradients are complete: its norms now; without clipping, its update."""
+        self._norms[g] = self._updater.submit(self._grad_norms, self._groups[g])
+        if self.max_norm is None:
+            self._submit_updates(None, until_missing=True)
+
+    def _submit_updates(self, coef: Tensor | None, until_missing: bool = False) -> None:
+        """Queue updates in arrival order (``until_missing``: up to the first sub-group not complete)."""
+        while self._next_update < len(self._order):
+            g = self._order[self._next_update]
+            if until_missing and g not in self._norms:
+                return
+            self._updates.append(self._updater.submit(self._update, self._groups[g], coef))
+            self._next_update += 1
+
+    # ------------------------------------------------------------------ the step
+
+    @staticmethod
+    def _grad_norms(g: SubGroup) -> list[Tensor]:
+        grads = [p.grad for p in g.params if p.grad is not None]
+        return list(torch._foreach_norm(grads, 2.0)) if grads else []
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> float:  # type: ignore[override]
+        """Clip (``optim.grad_clip``) and update every sub-group; returns the global gradient norm
+        before clipping. Gradients are left in place (``zero_grad`` or ``clip_and_step`` drop them)."""
+        if closure is not None:
+            raise TypeError("the optimizer container does not take a closure")
+        start = time.perf_counter()
+        busy_before = self._update_s
+        try:
+            armed, self._armed = self._armed, False
+            for g in self._order:
+                if g not in self._norms:
+                    self._norms[g] = self._updater.submit(self._grad_norms, self._groups[g])
+            norms = [n for g in range(len(self._groups)) for n in self._norms[g].result()]
+            total = (
+                torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+                if norms
+                else torch.zeros((), device=self.device)
+            )
+            coef = None
+            if self.max_norm is not None:
+                coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
+            self._submit_updates(coef)
+            for f in self._updates:
+                f.result()
+            if armed:
+                self._expected = list(self._seen)
+        finally:
+            self._norms.clear()
+            self._updates.clear()
+            self._next_update = 0
+            if self._staging is not None:
+                self._staging.finish()
+        self._last = {
+            "optim_exposed_s": self._exposed_s + time.perf_counter() - start,
+            "optim_update_s": self._update_s - busy_before,
+        }
+        self._exposed_s = 0.0
+        return float(total.item())
+
+    def clip_and_step(self) -> float:
+        """``step()`` then ``zero_grad()``: the global gradient norm before clipping."""
+        norm = self.step()
+        self.zero_grad(set_to_none=True)
+        return norm
+
+    def _update(self, g: SubGroup, coef: Tensor | None) -> None:
+        start = time.perf_counter()
+        slot = self._staging.acquire(g.index) if g.tier in STAGED and self._staging is not None else None
+        dirty = False
+        try:
+            if slot is not None:
+                self._bind(g, slot)
+            grads = self._host_grads(g)
+            if grads:
+                if coef is not None:
+                    torch._foreach_mul_(grads, coef.to(grads[0].device))
+                for inner_group, gi in zip(g.inner.param_groups, g.inner_public, strict=True):
+                    for k in self.defaults:  # the scheduler sets lr on the public groups
+                        inner_group[k] = self.param_groups[gi][k]
+                g.inner.step()
+                dirty = True
+                if g.grad_views:  # CUDA: the host copies back to the parameters
+                    for p, w in zip(g.params, g.work, strict=True):
+                        if p.grad is not None:
+                            p.detach().copy_(w)
+        finally:
+            if slot is not None:
+                assert self._staging is not None
+                self._staging.release(g.index, dirty)
+        self._update_s += time.perf_counter() - start
+
+    def _host_grads(self, g: SubGroup) -> list[Tensor]:
+        """The gradients ``g.inner`` reads (copied to the host buffer on CUDA; None where a tensor
+        got no gradient, which the inner optimizer then skips)."""
+        if not g.grad_views:
+            return [p.grad for p in g.params if p.grad is not None]
+        grads = []
+        for p, w, gv in zip(g.params, g.work, g.grad_views, strict=True):
+            w.grad = None if p.grad is None else gv
+            if p.grad is not None:
+                w.copy_(p.detach())
+                gv.copy_(p.grad)
+                grads.append(gv)
+        return grads
+
+    # ------------------------------------------------------------------ state and statistics
+
+    @contextlib.contextmanager
+    def _state_of(self, g: SubGroup, write: bool) -> Iterator[None]:
+        """``g``'s state bound where ``g.inner.state`` can read (and, ``write``, change) it."""
+        if g.tier not in STAGED or self._staging is None:
+            yield
+            return
+        slot = self._staging.load_now(g.index)
+        try:
+            self._bind(g, slot)
+            yield
+        finally:
+            self._staging.release(g.index, dirty=write)
+            self._staging.finish()
+
+    def _param_index(self) -> dict[Tensor, int]:
+        return {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.AdamW's (or SGD's) format, whatever the tiers: a state saved with nvme loads
+        into a container with dram, into one with another placement, or into torch's optimizer."""
+        index = self._param_index()
+        state: dict[int, dict[str, Any]] = {}
+        for g in self._groups:
+            with self._state_of(g, write=False):
+                for p, w in zip(g.params, g.work, strict=True):
+                    st = g.inner.state.get(w, {})
+                    step = st.get("step", None)
+                    if not st or (step is not None and float(step) == 0):
+                        continue  # never updated: torch keeps no state either
+                    entry = {k: v.clone() for k, v in st.items() if isinstance(v, Tensor)}
+                    if "step" in st:
+                        entry["step"] = torch.tensor(float(step), dtype=torch.float32)
+                    state[index[p]] = entry
+        groups = [
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [index[p] for p in group["params"]],
+            }
+            for group in self.param_groups
+        ]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(o["params"]) for s, o in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            raise ValueError("loaded optimizer state does not match the optimizer's parameter groups")
+        saved_index = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            saved_index.update({p: i for p, i in zip(group["params"], saved["params"], strict=True)})
+        for g in self._groups:
+            with self._state_of(g, write=True):
+                for p, w in zip(g.params, g.work, strict=True):
+                    self._load_entry(g, w, state_dict["state"].get(saved_index[p]))
+
+    def _load_entry(self, g: SubGroup, w: Tensor, entry: dict[str, Any] | None) -> None:
+        st = g.inner.state[w]
+        if self.name == "sgd":
+            g.inner.state.pop(w, None)
+            if entry is not None:
+                g.inner.state[w] = {k: v.to(w.device, w.dtype).clone() for k, v in entry.items()}
+            return
+        step = 0.0 if entry is None else float(entry["step"])
+        st["step"] = int(step) if self._ds(g) else torch.tensor(step, dtype=torch.float32)
+        for k in ("exp_avg", "exp_avg_sq"):
+            if entry is None:
+                st[k].zero_()
+            else:
+                st[k].copy_(entry[k])
+
+    def stats(self) -> dict[str, float]:
+        """Bytes per tier and the last step's optimizer time on the critical path."""
+        per_tier = dict.fromkeys(("device", "dram", "cxl", "nvme"), 0)
+        for g in self._groups:
+            if g.home is not None:
+                per_tier[g.tier] += g.home.numel() * g.home.element_size()
+            elif g.tier == "device":  # SGD: momentum buffers
+                per_tier["device"] += sum(
+                    t.numel() * t.element_size()
+                    for st in g.inner.state.values()
+                    for t in st.values()
+                    if isinstance(t, Tensor)
+                )
+        per_tier["dram"] += self.placement.staging_slots * self.placement.slot_bytes
+        if self._work_buf is not None:
+            per_tier["dram"] += self._work_buf.numel() * self._work_buf.element_size()
+        for name, tier in self._tiers.items():
+            per_tier[name] += tier.nbytes()
+        return {
+            **{f"optim_{t}_bytes": b for t, b in per_tier.items()},
+            **self._last,
+        }
+
+    def close(self) -> None:
+        """Stop the threads, remove the hooks, delete the NVMe file, free CXL memory."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._updater.shutdown(wait=True)
+        if self._staging is not None:
+            self._staging.close()
+        for tier in self._tiers.values():
+            tier.close()
