@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,7 @@ from longtrain.offload.memory import host_empty
 
 from .config import OptimConfig
 from .cpu_adam import make_cpu_adam
-from .placement import STAGED, Placement, arrival_order
+from .placement import STAGED, Placement, arrival_order, slot_cost
 from .staging import Staging
 from .tiers import CxlTier, NvmeTier, StagedTier
 
@@ -114,20 +115,8 @@ class OptimizerContainer(torch.optim.Optimizer):
             for i, (sub, tier) in enumerate(zip(subgroups, placement.tiers, strict=True))
         ]
         self._order = arrival_order(len(self._groups))
-        staged = {t for t in placement.tiers if t in STAGED}
-        sizes = {t: {g.index: self._state_bytes(g) for g in self._groups if g.tier == t} for t in staged}
         self._tiers: dict[str, StagedTier] = {}
-        if "nvme" in staged:
-            assert cfg.nvme_dir is not None  # build_optimizer checks it
-            self._tiers["nvme"] = NvmeTier(cfg.nvme_dir, sizes["nvme"])
-        if "cxl" in staged:
-            self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
-        self._staging: Staging | None = None
-        if staged:
-            pin = self.device.type == "cuda"
-            slots = [aligned_buffer(placement.slot_bytes, pin=pin) for _ in range(placement.staging_slots)]
-            by_group = {g.index: self._tiers[g.tier] for g in self._groups if g.tier in STAGED}
-            self._staging = Staging(by_group, self._order, slots)
+        self._staging = self._build_staging(cfg, cxl_node)
         self._updater = ThreadPoolExecutor(1, thread_name_prefix="optim-update")
         # overlap bookkeeping (see the module docstring)
         self._index = {p: i for i, p in enumerate(params)}
@@ -137,15 +126,15 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._seen = [0] * len(params)
         self._remaining = [0] * len(self._groups)
         self._blocked = [False] * len(self._groups)
-        self._norms: dict[int, Future[list[Tensor]]] = {}
+        self._norms: dict[int, Future[list[Tensor]]] = {}  # sub-groups started, and their norms
         self._updates: list[Future[None]] = []
         self._next_update = 0  # position in self._order of the next update to submit
         self._hooks = []
         if overlap_backward and cfg.overlap:
             self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         self._exposed_s = 0.0  # this step's time on the calling thread so far
-        self._update_s = 0.0  # update-thread time, all steps
-        self._last = {"optim_exposed_s": 0.0, "optim_update_s": 0.0}
+        self._update_s = 0.0  # this step's time on the update thread
+        self._last = {"optim_exposed_s": 0.0, "optim_update_s": 0.0, "optim_overlapped_subgroups": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -156,8 +145,25 @@ class OptimizerContainer(torch.optim.Optimizer):
         dtype = params[0].dtype
         return host_empty(2 * numel * dtype.itemsize, pin=True).view(dtype)
 
-    def _state_bytes(self, g: SubGroup) -> int:
-        return 2 * g.numel * g.params[0].dtype.itemsize
+    def _build_staging(self, cfg: OptimConfig, cxl_node: int | None) -> Staging | None:
+        """The staged tiers that hold sub-groups, and the DRAM slots their updates run in."""
+        sizes: dict[str, dict[int, int]] = {}
+        for g in self._groups:
+            if g.tier in STAGED:
+                sizes.setdefault(g.tier, {})[g.index] = 2 * g.numel * g.params[0].dtype.itemsize
+        if "nvme" in sizes:
+            assert cfg.nvme_dir is not None  # build_optimizer checks it
+            self._tiers["nvme"] = NvmeTier(cfg.nvme_dir, sizes["nvme"])
+        if "cxl" in sizes:
+            self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
+        if not sizes:
+            return None
+        pin = self.device.type == "cuda"
+        slots = [
+            aligned_buffer(self.placement.slot_bytes, pin=pin) for _ in range(self.placement.staging_slots)
+        ]
+        by_group = {g.index: self._tiers[g.tier] for g in self._groups if g.tier in STAGED}
+        return Staging(by_group, self._order, slots)
 
     def _subgroup(self, index: int, params: list[nn.Parameter], tier: str, public: dict) -> SubGroup:
         dtypes = {p.dtype for p in params}
@@ -226,10 +232,13 @@ class OptimizerContainer(torch.optim.Optimizer):
         start = time.perf_counter()
         self._armed = True
         self._seen = [0] * len(self._seen)
-        self._blocked = [False] * len(self._groups)
-        if self._expected is not None:
-            for g in self._groups:
-                self._remaining[g.index] = sum(1 for p in g.params if self._expected[self._index[p]] > 0)
+        expected = self._expected
+        for g in self._groups:
+            counts = [0] if expected is None else [expected[self._index[p]] for p in g.params]
+            self._remaining[g.index] = len(counts)
+            # A tensor without gradients last step might get some now, at unknown times: such a
+            # sub-group (and every one on the first step) waits for step().
+            self._blocked[g.index] = min(counts) == 0
         if self._staging is not None:
             self._staging.start()
         self._exposed_s += time.perf_counter() - start
@@ -240,15 +249,15 @@ class OptimizerContainer(torch.optim.Optimizer):
         i = self._index[p]
         self._seen[i] += 1
         expected, g = self._expected, self._group_of[i]
-        if expected is None or self._blocked[g]:
-            return
-        if self._seen[i] > expected[i]:
+        if expected is None or self._seen[i] > expected[i]:
             if g in self._norms:
                 raise RuntimeError(
                     f"a parameter of optimizer sub-group {g} received more gradient accumulations in this "
-                    "backward than in the previous step's, after its update had started; set optim.overlap=false"
+                    "backward than in the previous step's, after the sub-group had started; set optim.overlap=false"
                 )
             self._blocked[g] = True  # counts changed: this sub-group waits for step()
+            return
+        if self._blocked[g]:
             return
         if self._seen[i] == expected[i]:
             self._remaining[g] -= 1
@@ -284,7 +293,7 @@ class OptimizerContainer(torch.optim.Optimizer):
         if closure is not None:
             raise TypeError("the optimizer container does not take a closure")
         start = time.perf_counter()
-        busy_before = self._update_s
+        overlapped = len(self._norms)
         try:
             armed, self._armed = self._armed, False
             for g in self._order:
@@ -304,7 +313,8 @@ class OptimizerContainer(torch.optim.Optimizer):
                 f.result()
             if armed:
                 self._expected = list(self._seen)
-        finally:
+        finally:  # on an error too: nothing of this step may still run when the next one starts
+            futures.wait([*self._norms.values(), *self._updates])
             self._norms.clear()
             self._updates.clear()
             self._next_update = 0
@@ -312,9 +322,10 @@ class OptimizerContainer(torch.optim.Optimizer):
                 self._staging.finish()
         self._last = {
             "optim_exposed_s": self._exposed_s + time.perf_counter() - start,
-            "optim_update_s": self._update_s - busy_before,
+            "optim_update_s": self._update_s,  # this step's, started in backward or here
+            "optim_overlapped_subgroups": overlapped,
         }
-        self._exposed_s = 0.0
+        self._exposed_s = self._update_s = 0.0
         return float(total.item())
 
     def clip_and_step(self) -> float:
@@ -450,7 +461,7 @@ class OptimizerContainer(torch.optim.Optimizer):
                     for t in st.values()
                     if isinstance(t, Tensor)
                 )
-        per_tier["dram"] += self.placement.staging_slots * self.placement.slot_bytes
+        per_tier["dram"] += self.placement.staging_slots * slot_cost(self.placement.slot_bytes)
         if self._work_buf is not None:
             per_tier["dram"] += self._work_buf.numel() * self._work_buf.element_size()
         for name, tier in self._tiers.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,12 @@ def make_cpu_adam(impl: str, groups: list[dict[str, Any]]) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, fused=True)
 
 
-def _seconds_per_step(factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer], numel: int) -> float:
+def _seconds_per_step(impl: str, numel: int) -> float:
     p = torch.zeros(numel)
     p.grad = torch.full((numel,), 1e-3)
-    opt = factory([{"params": [p], "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}])
+    opt = make_cpu_adam(
+        impl, [{"params": [p], "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}]
+    )
     for _ in range(2):
         opt.step()
     start = time.perf_counter()
@@ -87,6 +88,5 @@ def resolve_cpu_impl(choice: str, dtype: torch.dtype, probe_numel: int = 2**20) 
         return "deepspeed"
     if dtype != torch.float32 or not _deepspeed_op_built():
         return "torch"
-    ds = _seconds_per_step(lambda g: make_cpu_adam("deepspeed", g), probe_numel)
-    fused = _seconds_per_step(lambda g: make_cpu_adam("torch", g), probe_numel)
-    return "deepspeed" if ds < fused else "torch"
+    faster = min(("torch", "deepspeed"), key=lambda impl: _seconds_per_step(impl, probe_numel))
+    return faster

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from longtrain.config_checks import ConfigError
-from longtrain.offload.direct_io import padded
+from longtrain.offload.direct_io import ALIGN, padded
 
 TIERS = ("device", "dram", "cxl", "nvme")
 STAGED = ("cxl", "nvme")  # state copied into a DRAM staging slot for its update, then written back
@@ -59,7 +59,12 @@ class Placement:
     def dram_bytes(self, state_bytes: Sequence[int]) -> int:
         """Host DRAM the store holds: dram-tier state plus the staging slots."""
         resident = sum(b for b, t in zip(state_bytes, self.tiers, strict=True) if t == "dram")
-        return resident + self.staging_slots * self.slot_bytes
+        return resident + self.staging_slots * slot_cost(self.slot_bytes)
+
+
+def slot_cost(slot_bytes: int) -> int:
+    """DRAM a staging slot takes: its bytes plus the slack that aligns its start (aligned_buffer)."""
+    return slot_bytes + ALIGN if slot_bytes else 0
 
 
 def _too_small(budget: int, one: int) -> ConfigError:
@@ -82,33 +87,33 @@ def place_subgroups(
     ``budget`` None: no limit (auto then needs one: the caller resolves it).
     """
     n = len(state_bytes)
-    largest = padded(max(state_bytes, default=0))
     if offload == "none":
         return Placement(("device",) * n, 0, 0)
+    if offload not in ("dram", "auto", *STAGED):
+        raise ValueError(f"unknown optim.offload {offload!r}")
     avail = None if budget is None else budget - fixed_bytes
-    if avail is not None and avail < largest:
-        assert budget is not None
-        raise _too_small(budget, largest + fixed_bytes)
-    if offload == "dram":
-        total = sum(state_bytes)
+    total = sum(state_bytes)
+    if offload == "dram" or (offload == "auto" and avail is not None and total <= avail):
+        if avail is not None and max(state_bytes) > avail:
+            raise _too_small(budget or 0, max(state_bytes) + fixed_bytes)
         if avail is not None and total > avail:
             raise ConfigError(
                 f"optim.offload=dram needs {total + fixed_bytes} bytes of host memory but "
                 f"optim.dram_budget_bytes={budget}; raise it or set optim.offload=auto (dram + nvme)"
             )
         return Placement(("dram",) * n, 0, 0)
-    slots = MAX_SLOTS if avail is None else min(MAX_SLOTS, avail // largest)
+    largest = padded(max(state_bytes))
+    cost = slot_cost(largest)  # one staging slot
+    if avail is not None and avail < cost:
+        raise _too_small(budget or 0, cost + fixed_bytes)
+    slots = MAX_SLOTS if avail is None else min(MAX_SLOTS, avail // cost)
     if offload in STAGED:
         return Placement((offload,) * n, slots, largest)
-    if offload != "auto":
-        raise ValueError(f"unknown optim.offload {offload!r}")
     if avail is None:
         raise ValueError("optim.offload=auto needs a DRAM budget")
-    if sum(state_bytes) <= avail:
-        return Placement(("dram",) * n, 0, 0)
-    left = avail - slots * largest
+    left = avail - slots * cost
     tiers: list[str] = []
-    for b in state_bytes:
+    for b in state_bytes:  # model order: the sub-groups whose gradients arrive last first
         fits = (not tiers or tiers[-1] == "dram") and b <= left
         tiers.append("dram" if fits else "nvme")
         left -= b if fits else 0

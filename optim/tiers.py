@@ -185,6 +185,13 @@ class CxlTier:
         self._bytes_per_s = bandwidth_gbps * 1e9
         self._latency_s = latency_us * 1e-6
         self._numa = None if node is None else _NumaAlloc(node)
+        if self.emulated:
+            warnings.warn(
+                f"optim: this host has no CPU-less NUMA node, so the CXL tier is emulated: DRAM behind a "
+                f"{bandwidth_gbps:g} GB/s link with {latency_us:g} us per transfer "
+                "(optim.cxl_bandwidth_gbps, optim.cxl_latency_us)",
+                stacklevel=2,
+            )
         self._buffers: dict[int, Tensor] = {}
         for g, nbytes in sizes.items():
             buf = host_empty(nbytes) if self._numa is None else self._numa.empty(nbytes)

@@ -140,7 +140,7 @@ class Job:
         mesh, model = self.mesh, self.model
         num_tokens = all_reduce_sum(sum(mb.num_loss_tokens for mb in micro_batches), mesh)
         loss_sum, flops = 0.0, 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = mb.to(mesh.device, non_blocking=True)
             with self.autocast():
                 out = model(
@@ -150,7 +150,7 @@ class Job:
                     doc_spans=mb.doc_spans,
                     loss_normalizer=max(num_tokens, 1),
                 )
-            if mb is micro_batches[-1]:
+            if i == len(micro_batches) - 1:
                 self.optimizer.before_last_backward()  # its gradients are final: updates may start
             out.loss.backward()
             loss_sum += out.loss_sum.item()
