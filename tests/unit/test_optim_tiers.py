@@ -272,7 +272,7 @@ def test_trainer_nvme_equals_none_in_float64(tmp_path):
     ]
     runs = {}
     for offload in ("none", "nvme"):
-        extra = [f"optim.offload={offload}", f"optim.nvme_dir={tmp_path / 'nvme'}"]
+        extra = [f"optim.offload={offload}", f"optim.nvme_dir={tmp_path / 'swap'}"]
         runs[offload] = train(compose("tiny_cpu", [*common, *extra, f"output_dir={tmp_path / offload}"]))
     for a, b in zip(runs["none"], runs["nvme"], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-12 * a["loss"], (a["step"], a["loss"], b["loss"])
@@ -281,7 +281,7 @@ def test_trainer_nvme_equals_none_in_float64(tmp_path):
     assert last["optim_nvme_bytes"] > 0 and last["optim_device_bytes"] == 0 and last["optim_dram_bytes"] > 0
     assert runs["none"][-1]["optim_device_bytes"] > 0 and runs["none"][-1]["optim_nvme_bytes"] == 0
     assert last["optim_exposed_s"] > 0 and last["optim_overlapped_subgroups"] > 0
-    assert not list((tmp_path / "nvme").iterdir())  # the state file is deleted when the job closes
+    assert not list((tmp_path / "swap").iterdir())  # the state file is deleted when the job closes
 
 
 # --- checkpoints --------------------------------------------------------------------------------
