@@ -119,7 +119,7 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._staging = self._build_staging(cfg, cxl_node)
         self._updater = ThreadPoolExecutor(1, thread_name_prefix="optim-update")
         # overlap bookkeeping (see the module docstring)
-        self._index = {p: i for i, p in enumerate(params)}
+        self._index: dict[Tensor, int] = {p: i for i, p in enumerate(params)}
         self._group_of = [g.index for g in self._groups for _ in g.params]
         self._armed = False
         self._expected: list[int] | None = None
@@ -314,7 +314,8 @@ class OptimizerContainer(torch.optim.Optimizer):
             if armed:
                 self._expected = list(self._seen)
         finally:  # on an error too: nothing of this step may still run when the next one starts
-            futures.wait([*self._norms.values(), *self._updates])
+            pending: list[Future[Any]] = [*self._norms.values(), *self._updates]
+            futures.wait(pending)
             self._norms.clear()
             self._updates.clear()
             self._next_update = 0

@@ -37,7 +37,7 @@ def _deepspeed_op_built() -> bool:
     return (Path(_get_build_directory("cpu_adam", verbose=False)) / "cpu_adam.so").is_file()
 
 
-def load_deepspeed_cpu_adam() -> type[torch.optim.Optimizer]:
+def load_deepspeed_cpu_adam() -> Any:
     """DeepSpeedCPUAdam with its op loaded (built on first use), else a ConfigError naming the key."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -50,7 +50,7 @@ def load_deepspeed_cpu_adam() -> type[torch.optim.Optimizer]:
             f"optim.cpu_impl=deepspeed: DeepSpeed cannot build its CPU Adam op ({reason}); "
             "set optim.cpu_impl=torch or auto"
         ) from None
-    return DeepSpeedCPUAdam
+    return DeepSpeedCPUAdam  # a torch.optim.Optimizer whose __init__ takes adamw_mode
 
 
 def make_cpu_adam(impl: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -8,9 +8,9 @@ gradients the tiny llama's parameters get fixed random gradients through a loss 
 (backward still runs, in reverse model order, and fires the hooks): with the model's own
 gradients, a one-ulp difference in float32 moves the next gradients, and Adam's scale-free update
 turns that into more than 1e-6 on elements whose gradient is near zero. The model's own gradients
-are used in float64. The NVMe tier is
-also checked byte for byte, with injected short reads and writes; the CXL tier's emulated link by
-its transfer time; the DRAM budget by the registered host bytes of the store.
+are used in float64. The NVMe tier is also checked byte for byte, with injected short reads and
+writes; the CXL tier's emulated link by its transfer time; the DRAM budget by the registered host
+bytes of the store.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def fixed_grads(model, steps: int, accum: int):
     return data
 
 
-def run_pair(model, ref_model, opt, cfg, data, overlap=True):
+def run_pair(model, ref_model, opt, cfg, data):
     """Train ``model`` with the container and ``ref_model`` with clip_grad_norm_ + torch AdamW on the
     same micro-batch losses (gradient accumulation, LR schedule); returns both norms per step and
     the container's stats after each step."""
@@ -114,7 +114,7 @@ def run_pair(model, ref_model, opt, cfg, data, overlap=True):
     for micro in data:
         for i, loss in enumerate(micro):
             loss(ref_model).backward()
-            if overlap and i == len(micro) - 1:
+            if i == len(micro) - 1:
                 opt.before_last_backward()
             loss(model).backward()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
