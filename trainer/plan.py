@@ -33,6 +33,8 @@ def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     state_bytes = n_params * 16  # fp32 weights + grads + Adam m, v
+    offload = cfg.optim.offload
+    device_state = state_bytes if offload == "none" else n_params * 8  # m, v off the device
     tokens = cfg.data.micro_batch_size * cfg.train.seq_len
     # plain autograd keeps ~ (10 h + 4 kv + 3 ffn) values per token per layer (norms, q/k/v, attention
     # out, residuals, MLP intermediates); bf16 halves them.
@@ -43,15 +45,20 @@ def dry_run_report(cfg: JobConfig, vocab_size: int = 4096) -> str:
     return "\n".join(
         [
             f"model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params / 1e6:.1f}M parameters",
-            f"model states (fp32 weights, grads, AdamW): {state_bytes / gib:.2f} GiB per data-parallel replica",
+            f"model states (fp32 weights, grads, AdamW): {state_bytes / gib:.2f} GiB per data-parallel replica"
+            + (
+                f", {device_state / gib:.2f} GiB of it on the device (optim.offload={offload})"
+                if offload != "none"
+                else ""
+            ),
             f"tokens per micro-batch: {tokens}; plain-autograd activations: {act_bytes / gib:.2f} GiB "
             f"(activation.mode={cfg.activation.mode} reduces this)",
             *(
                 [
-                    f"warning: model states alone ({state_bytes / gib:.0f} GiB) exceed one 80 GiB GPU; this job needs "
-                    "optimizer-state offload or sharding, which longtrain does not provide yet (planned: optim/)"
+                    f"warning: model states on the device alone ({device_state / gib:.0f} GiB) exceed one 80 GiB GPU; "
+                    "this job needs optim.offload (AdamW state in DRAM / CXL / NVMe) or sharding (planned)"
                 ]
-                if state_bytes > 80 * gib
+                if device_state > 80 * gib
                 else []
             ),
             "dry run: config is valid",
