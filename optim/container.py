@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from longtrain.offload.direct_io import aligned_buffer
+from longtrain.offload.direct_io import aligned_buffer, padded
 from longtrain.offload.memory import host_empty
 
 from .config import OptimConfig
@@ -158,6 +158,11 @@ class OptimizerContainer(torch.optim.Optimizer):
             self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
         if not sizes:
             return None
+        largest = max(padded(n) for per_tier in sizes.values() for n in per_tier.values())
+        if self.placement.slot_bytes < largest:
+            raise ValueError(
+                f"placement.slot_bytes={self.placement.slot_bytes} < the largest staged state ({largest})"
+            )
         pin = self.device.type == "cuda"
         slots = [
             aligned_buffer(self.placement.slot_bytes, pin=pin) for _ in range(self.placement.staging_slots)
