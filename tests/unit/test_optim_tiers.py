@@ -597,3 +597,21 @@ def test_deepspeed_cpu_adam_tier_equals_torch(tmp_path, make_tiny_model):
     run_pair(model, ref_model, opt, cfg, fixed_grads(model, 3, 2))
     assert_close_per_tensor(list(model.parameters()), list(ref_model.parameters()), 1e-6)
     opt.close()
+
+
+@pytest.mark.gpu
+def test_cuda_host_tiers_equal_torch_adamw(tmp_path, make_tiny_model):
+    """On CUDA the host tiers copy parameters and gradients to a pinned buffer, update there and
+    copy back; the result equals torch's AdamW on the device (float32, the same gradients)."""
+    model = tiny(make_tiny_model, torch.float32).cuda()
+    ref_model = tiny(make_tiny_model, torch.float32).cuda()
+    cfg = cfg_for(tmp_path)
+    opt = build_optimizer(model, cfg, placement=placement_of(model, cfg, ("device", "dram", "nvme")))
+    data = fixed_grads(model, 3, 2)
+    norms, _, _ = run_pair(
+        model, ref_model, opt, cfg, [[lambda m, f=f: f(m).cuda() for f in s] for s in data]
+    )
+    for ours, theirs in norms:
+        assert abs(ours - theirs) <= 1e-6 * theirs
+    assert_close_per_tensor(list(model.parameters()), list(ref_model.parameters()), 1e-6)
+    opt.close()
