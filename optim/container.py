@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -131,7 +132,16 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._next_update = 0  # position in self._order of the next update to submit
         self._hooks = []
         if overlap_backward and cfg.overlap:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+            # The hooks hold the container weakly: a parameter -> hook -> container -> parameter cycle
+            # would keep a dropped container (its threads and buffers) alive until a cyclic GC pass.
+            this = weakref.ref(self)
+
+            def on_grad(p: Tensor) -> None:
+                container = this()
+                if container is not None:
+                    container._on_grad(p)
+
+            self._hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
         self._exposed_s = 0.0  # this step's time on the calling thread so far
         self._update_s = 0.0  # this step's time on the update thread
         self._last = {"optim_exposed_s": 0.0, "optim_update_s": 0.0, "optim_overlapped_subgroups": 0}

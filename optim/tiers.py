@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +91,7 @@ class NvmeTier:
             )
         self._what = f"the optimizer-state file {self.path}"
         os.ftruncate(self._fd, end)  # unwritten regions read as zeros: the initial state
+        self._finalizer = weakref.finalize(self, _close_and_unlink, self._fd, self.path)
 
     def _region(self, g: int, slot: Tensor) -> tuple[np.ndarray, int]:
         nbytes = padded(self._sizes[g])
@@ -110,10 +112,13 @@ class NvmeTier:
         return self._end
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self.path.unlink(missing_ok=True)
+        self._finalizer()  # once: close the file and delete it
+        self._fd = -1
+
+
+def _close_and_unlink(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.unlink(missing_ok=True)
 
 
 def numa_nodes(sysfs: Path | None = None) -> dict[int, bool]:
