@@ -11,11 +11,14 @@ torch's fused AdamW needs no build, and DeepSpeed's op is a JIT C++ build of abo
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 from longtrain.config_checks import ConfigError
 
@@ -23,18 +26,18 @@ ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
 def _deepspeed_op_built() -> bool:
-    """DeepSpeed's cpu_adam op loads without a build (checked without importing deepspeed, whose
-    import is slow and probes accelerators)."""
+    """DeepSpeed's cpu_adam op loads without a build: installed prebuilt, or in torch's extension
+    cache (checked without importing deepspeed, whose import is slow and probes accelerators, and
+    without creating the cache directory as torch's own lookup does)."""
     spec = importlib.util.find_spec("deepspeed")
     if spec is None or spec.origin is None:
         return False
     if any((Path(spec.origin).parent / "ops" / "adam").glob("cpu_adam_op*.so")):
         return True
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-    except ImportError:
-        return False
-    return (Path(_get_build_directory("cpu_adam", verbose=False)) / "cpu_adam.so").is_file()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    cuda = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return (Path(root) / f"{python}_{cuda}" / "cpu_adam" / "cpu_adam.so").is_file()
 
 
 def load_deepspeed_cpu_adam() -> Any:
