@@ -20,7 +20,8 @@ where its AdamW state (m, v) lives:
 On a CPU device the CPU AdamW updates the parameters and reads ``p.grad`` in place. On CUDA it
 works on a pinned host buffer allocated once: the sub-group's parameters and gradients are copied
 to it, updated, and the parameters copied back (parameters are float32 or float64 here, so they
-are their own master weights and no separate master copy is kept).
+are their own master weights and no separate master copy is kept). ``subgroup.py`` builds a
+sub-group and binds its state.
 
 Clipping (``optim.grad_clip``): the global norm is the norm of the per-tensor gradient norms, as
 ``torch.nn.utils.clip_grad_norm_`` computes it. Each sub-group's norms are computed as soon as its
@@ -33,13 +34,12 @@ there, and ``clip_and_step`` drops it). The result equals ``clip_grad_norm_`` th
 Overlap with backward (``optim.overlap``, one data-parallel rank): the loop calls
 ``before_last_backward()`` before the backward of a step's last micro-batch. Gradients are final
 only after it (with accumulation, earlier backwards add to them), so only then do the hooks
-(``register_post_accumulate_grad_hook``) count, per sub-group, the accumulations of each tensor.
-A sub-group whose tensors have all received as many accumulations as in the previous step's last
-backward (a tensor may receive several: tied weights, tiles) is complete: its norms start on the
-update thread, and without clipping its update too. Updates run in arrival order (last sub-group
-first), the order in which the staged tiers are prefetched, which starts at
-``before_last_backward()``. The first step has no counts yet and updates everything in ``step()``;
-a tensor that receives more accumulations than counted raises instead of being updated early. Under
+(``register_post_accumulate_grad_hook``) count accumulations; a sub-group is complete when its
+tensors have received as many as in the previous step's last backward (``readiness.py``: the first
+step, and any change of the counts, leave the work to ``step()``; more accumulations than counted
+after a sub-group started raise). A complete sub-group's norms start on the update thread, and
+without clipping its update too. Updates run in arrival order (last sub-group first), the order in
+which the staged tiers are prefetched, which starts at ``before_last_backward()``. Under
 data parallelism the gradients are final only after ``sync_gradients``, so the trainer builds the
 container with ``overlap_backward=False`` and every update starts in ``step()``.
 """
@@ -52,34 +52,19 @@ import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from longtrain.offload.direct_io import aligned_buffer, padded
-from longtrain.offload.memory import host_empty
 
 from .config import OptimConfig
-from .cpu_adam import make_cpu_adam
 from .placement import STAGED, Placement, arrival_order, slot_cost
+from .readiness import GradientReadiness
 from .staging import Staging
+from .subgroup import SubGroup, build_subgroup, work_buffer
 from .tiers import CxlTier, NvmeTier, StagedTier
-
-
-@dataclass
-class SubGroup:
-    index: int
-    tier: str
-    params: list[nn.Parameter]  # whole tensors, model order
-    offsets: list[int]  # element offset of each tensor in m (and, after numel, in v)
-    numel: int
-    inner: torch.optim.Optimizer
-    work: list[Tensor]  # what ``inner`` updates: the parameters, or their host copies on CUDA
-    home: Tensor | None  # flat [2 * numel] state on the device or dram tier; None when staged
-    inner_public: list[int]  # the param_groups index of each of inner.param_groups
-    grad_views: list[Tensor] = field(default_factory=list)  # CUDA: host gradient of each tensor
 
 
 class OptimizerContainer(torch.optim.Optimizer):
@@ -104,29 +89,32 @@ class OptimizerContainer(torch.optim.Optimizer):
         self.placement = placement
         params = [p for sub in subgroups for p in sub]
         self.device = params[0].device
-        public = {p: gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
-        host_numels = [
-            sum(p.numel() for p in sub)
-            for sub, t in zip(subgroups, placement.tiers, strict=True)
-            if t != "device"
-        ]
-        self._work_buf = self._work_buffer(params, max(host_numels, default=0))
+        tiers = placement.tiers
+        host_numel = max(
+            (sum(p.numel() for p in s) for s, t in zip(subgroups, tiers, strict=True) if t != "device"),
+            default=0,
+        )
+        self._work_buf = work_buffer(params, host_numel)
         self._groups = [
-            self._subgroup(i, list(sub), tier, public)
-            for i, (sub, tier) in enumerate(zip(subgroups, placement.tiers, strict=True))
+            build_subgroup(
+                i,
+                list(sub),
+                tier,
+                self.param_groups,
+                algorithm=cfg.name,
+                cpu_impl=cpu_impl,
+                work_buf=self._work_buf,
+            )
+            for i, (sub, tier) in enumerate(zip(subgroups, tiers, strict=True))
         ]
         self._order = arrival_order(len(self._groups))
         self._tiers: dict[str, StagedTier] = {}
         self._staging = self._build_staging(cfg, cxl_node)
         self._updater = ThreadPoolExecutor(1, thread_name_prefix="optim-update")
-        # overlap bookkeeping (see the module docstring)
         self._index: dict[Tensor, int] = {p: i for i, p in enumerate(params)}
-        self._group_of = [g.index for g in self._groups for _ in g.params]
-        self._armed = False
-        self._expected: list[int] | None = None
-        self._seen = [0] * len(params)
-        self._remaining = [0] * len(self._groups)
-        self._blocked = [False] * len(self._groups)
+        self._readiness = GradientReadiness(
+            [g.index for g in self._groups for _ in g.params], len(self._groups)
+        )
         self._norms: dict[int, Future[list[Tensor]]] = {}  # sub-groups started, and their norms
         self._updates: list[Future[None]] = []
         self._next_update = 0  # position in self._order of the next update to submit
@@ -146,26 +134,12 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._update_s = 0.0  # this step's time on the update thread
         self._last = {"optim_exposed_s": 0.0, "optim_update_s": 0.0, "optim_overlapped_subgroups": 0}
 
-    # ------------------------------------------------------------------ construction
-
-    def _work_buffer(self, params: list[nn.Parameter], numel: int) -> Tensor | None:
-        """On CUDA: the pinned host buffer [parameters | gradients] the host tiers update in."""
-        if self.device.type == "cpu" or numel == 0:
-            return None
-        dtype = params[0].dtype
-        return host_empty(2 * numel * dtype.itemsize, pin=True).view(dtype)
-
     def _build_staging(self, cfg: OptimConfig, cxl_node: int | None) -> Staging | None:
         """The staged tiers that hold sub-groups, and the DRAM slots their updates run in."""
         sizes: dict[str, dict[int, int]] = {}
         for g in self._groups:
             if g.tier in STAGED:
-                sizes.setdefault(g.tier, {})[g.index] = 2 * g.numel * g.params[0].dtype.itemsize
-        if "nvme" in sizes:
-            assert cfg.nvme_dir is not None  # build_optimizer checks it
-            self._tiers["nvme"] = NvmeTier(cfg.nvme_dir, sizes["nvme"])
-        if "cxl" in sizes:
-            self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
+                sizes.setdefault(g.tier, {})[g.index] = g.state_bytes
         if not sizes:
             return None
         largest = max(padded(n) for per_tier in sizes.values() for n in per_tier.values())
@@ -173,6 +147,11 @@ class OptimizerContainer(torch.optim.Optimizer):
             raise ValueError(
                 f"placement.slot_bytes={self.placement.slot_bytes} < the largest staged state ({largest})"
             )
+        if "nvme" in sizes:
+            assert cfg.nvme_dir is not None  # build_optimizer checks it
+            self._tiers["nvme"] = NvmeTier(cfg.nvme_dir, sizes["nvme"])
+        if "cxl" in sizes:
+            self._tiers["cxl"] = CxlTier(sizes["cxl"], cxl_node, cfg.cxl_bandwidth_gbps, cfg.cxl_latency_us)
         pin = self.device.type == "cuda"
         slots = [
             aligned_buffer(self.placement.slot_bytes, pin=pin) for _ in range(self.placement.staging_slots)
@@ -180,113 +159,28 @@ class OptimizerContainer(torch.optim.Optimizer):
         by_group = {g.index: self._tiers[g.tier] for g in self._groups if g.tier in STAGED}
         return Staging(by_group, self._order, slots)
 
-    def _subgroup(self, index: int, params: list[nn.Parameter], tier: str, public: dict) -> SubGroup:
-        dtypes = {p.dtype for p in params}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"sub-group {index} mixes parameter dtypes {sorted(map(str, dtypes))}")
-        offsets, numel = [], 0
-        for p in params:
-            offsets.append(numel)
-            numel += p.numel()
-        work: list[Tensor] = list(params)
-        grad_views: list[Tensor] = []
-        if tier != "device" and self._work_buf is not None:
-            half = self._work_buf.numel() // 2
-            work = [
-                self._work_buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params, strict=True)
-            ]
-            grad_views = [
-                self._work_buf[half + o : half + o + p.numel()].view_as(p)
-                for o, p in zip(offsets, params, strict=True)
-            ]
-        members = [public[p] for p in params]
-        inner_groups, inner_public = [], []
-        for gi, group in enumerate(self.param_groups):
-            mine = [w for w, m in zip(work, members, strict=True) if m == gi]
-            if mine:
-                inner_groups.append({"params": mine, **{k: v for k, v in group.items() if k != "params"}})
-                inner_public.append(gi)
-        home = None
-        if tier == "device":
-            if self.name == "sgd":
-                inner: torch.optim.Optimizer = torch.optim.SGD(inner_groups, lr=self.defaults["lr"])
-            else:
-                inner = torch.optim.AdamW(inner_groups)
-                home = torch.zeros(2 * numel, dtype=params[0].dtype, device=self.device)
-        else:
-            inner = make_cpu_adam(self.cpu_impl, inner_groups)
-            if tier == "dram":
-                nbytes = 2 * numel * params[0].dtype.itemsize
-                home = host_empty(nbytes, pin=self.device.type == "cuda").view(params[0].dtype).zero_()
-        g = SubGroup(index, tier, params, offsets, numel, inner, work, home, inner_public, grad_views)
-        if self.name == "adamw":
-            for w in work:
-                inner.state[w] = {"step": 0 if self._ds(g) else torch.tensor(0.0, dtype=torch.float32)}
-            if home is not None:
-                self._bind(g, home)
-        return g
-
-    def _ds(self, g: SubGroup) -> bool:
-        return g.tier != "device" and self.cpu_impl == "deepspeed"
-
-    def _bind(self, g: SubGroup, flat: Tensor) -> None:
-        """Point the inner AdamW's m, v of ``g`` at ``flat`` ([2 * numel], or a uint8 slot)."""
-        dtype = g.params[0].dtype
-        if flat.dtype != dtype:
-            flat = flat[: 2 * g.numel * dtype.itemsize].view(dtype)
-        for o, w in zip(g.offsets, g.work, strict=True):
-            st = g.inner.state[w]
-            st["exp_avg"] = flat[o : o + w.numel()].view_as(w)
-            st["exp_avg_sq"] = flat[g.numel + o : g.numel + o + w.numel()].view_as(w)
-
     # ------------------------------------------------------------------ overlap with backward
 
     def before_last_backward(self) -> None:
         """The next backward is the last of this step: its gradients are final and may start the
         updates (see the module docstring); the staged tiers start loading now."""
         start = time.perf_counter()
-        self._armed = True
-        self._seen = [0] * len(self._seen)
-        expected = self._expected
-        for g in self._groups:
-            counts = [0] if expected is None else [expected[self._index[p]] for p in g.params]
-            self._remaining[g.index] = len(counts)
-            # A tensor without gradients last step might get some now, at unknown times: such a
-            # sub-group (and every one on the first step) waits for step().
-            self._blocked[g.index] = min(counts) == 0
+        self._readiness.arm()
         if self._staging is not None:
             self._staging.start()
         self._exposed_s += time.perf_counter() - start
 
     def _on_grad(self, p: Tensor) -> None:
-        if not self._armed:
+        g = self._readiness.on_grad(self._index[p])
+        if g is None:
             return
-        i = self._index[p]
-        self._seen[i] += 1
-        expected, g = self._expected, self._group_of[i]
-        if expected is None or self._seen[i] > expected[i]:
-            if g in self._norms:
-                raise RuntimeError(
-                    f"a parameter of optimizer sub-group {g} received more gradient accumulations in this "
-                    "backward than in the previous step's, after the sub-group had started; set optim.overlap=false"
-                )
-            self._blocked[g] = True  # counts changed: this sub-group waits for step()
-            return
-        if self._blocked[g]:
-            return
-        if self._seen[i] == expected[i]:
-            self._remaining[g] -= 1
-            if self._remaining[g] == 0:
-                self._start(g)
-
-    def _start(self, g: int) -> None:
-        """Sub-group ``g``'s gradients are complete: its norms now; without clipping, its update."""
+        # Sub-group g's gradients are complete: its norms now; without clipping, its update.
         self._norms[g] = self._updater.submit(self._grad_norms, self._groups[g])
         if self.max_norm is None:
             self._submit_updates(None, until_missing=True)
 
     def _submit_updates(self, coef: Tensor | None, until_missing: bool = False) -> None:
-        """Queue updates in arrival order (``until_missing``: up to the first sub-group not complete)."""
+        """Queue updates in arrival order (``until_missing``: up to the first sub-group not started)."""
         while self._next_update < len(self._order):
             g = self._order[self._next_update]
             if until_missing and g not in self._norms:
@@ -308,9 +202,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         if closure is not None:
             raise TypeError("the optimizer container does not take a closure")
         start = time.perf_counter()
-        overlapped = len(self._norms)
+        overlapped, done = len(self._norms), False
         try:
-            armed, self._armed = self._armed, False
             for g in self._order:
                 if g not in self._norms:
                     self._norms[g] = self._updater.submit(self._grad_norms, self._groups[g])
@@ -326,9 +219,9 @@ class OptimizerContainer(torch.optim.Optimizer):
             self._submit_updates(coef)
             for f in self._updates:
                 f.result()
-            if armed:
-                self._expected = list(self._seen)
+            done = True
         finally:  # on an error too: nothing of this step may still run when the next one starts
+            self._readiness.disarm(record=done)  # this step's counts: the next step's expectation
             pending: list[Future[Any]] = [*self._norms.values(), *self._updates]
             futures.wait(pending)
             self._norms.clear()
@@ -356,8 +249,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         dirty = False
         try:
             if slot is not None:
-                self._bind(g, slot)
-            grads = self._host_grads(g)
+                g.bind(slot)
+            grads = g.host_grads()
             if grads:
                 if coef is not None:
                     torch._foreach_mul_(grads, coef.to(grads[0].device))
@@ -366,29 +259,12 @@ class OptimizerContainer(torch.optim.Optimizer):
                         inner_group[k] = self.param_groups[gi][k]
                 g.inner.step()
                 dirty = True
-                if g.grad_views:  # CUDA: the host copies back to the parameters
-                    for p, w in zip(g.params, g.work, strict=True):
-                        if p.grad is not None:
-                            p.detach().copy_(w)
+                g.copy_back()
         finally:
             if slot is not None:
                 assert self._staging is not None
                 self._staging.release(g.index, dirty)
         self._update_s += time.perf_counter() - start
-
-    def _host_grads(self, g: SubGroup) -> list[Tensor]:
-        """The gradients ``g.inner`` reads (copied to the host buffer on CUDA; None where a tensor
-        got no gradient, which the inner optimizer then skips)."""
-        if not g.grad_views:
-            return [p.grad for p in g.params if p.grad is not None]
-        grads = []
-        for p, w, gv in zip(g.params, g.work, g.grad_views, strict=True):
-            w.grad = None if p.grad is None else gv
-            if p.grad is not None:
-                w.copy_(p.detach())
-                gv.copy_(p.grad)
-                grads.append(gv)
-        return grads
 
     # ------------------------------------------------------------------ state and statistics
 
@@ -400,7 +276,7 @@ class OptimizerContainer(torch.optim.Optimizer):
             return
         slot = self._staging.load_now(g.index)
         try:
-            self._bind(g, slot)
+            g.bind(slot)
             yield
         finally:
             self._staging.release(g.index, dirty=write)
@@ -457,7 +333,7 @@ class OptimizerContainer(torch.optim.Optimizer):
                 g.inner.state[w] = {k: v.to(w.device, w.dtype).clone() for k, v in entry.items()}
             return
         step = 0.0 if entry is None else float(entry["step"])
-        st["step"] = int(step) if self._ds(g) else torch.tensor(step, dtype=torch.float32)
+        st["step"] = int(step) if isinstance(st["step"], int) else torch.tensor(step, dtype=torch.float32)
         for k in ("exp_avg", "exp_avg_sq"):
             if entry is None:
                 st[k].zero_()

@@ -40,6 +40,7 @@ from longtrain.optim import (
 )
 from longtrain.optim.build import param_groups
 from longtrain.optim.placement import slot_cost
+from longtrain.optim.readiness import GradientReadiness
 from longtrain.trainer.model.adapter import adapt
 
 pytestmark = [
@@ -245,6 +246,32 @@ def test_more_accumulations_than_counted_raise_instead_of_an_early_update(tmp_pa
         train(ref_m, ref, calls, arm=False)
     assert_close_per_tensor([m.w.weight], [ref_m.w.weight], 1e-12)
     opt.close()
+
+
+def test_readiness_completes_a_subgroup_at_the_counted_accumulation():
+    """Tensors 0, 1 form sub-group 0, tensor 2 sub-group 1; tensor 0 is accumulated twice per backward."""
+    r = GradientReadiness([0, 0, 1], 2)
+    r.arm()
+    assert [r.on_grad(i) for i in (2, 0, 1, 0)] == [None] * 4  # first step: no counts yet
+    r.disarm()
+    r.arm()
+    assert [r.on_grad(i) for i in (2, 0, 1, 0)] == [1, None, None, 0]
+    r.disarm()
+    r.arm()
+    assert r.on_grad(2) == 1
+    with pytest.raises(RuntimeError, match="optim.overlap=false"):  # sub-group 1 had started
+        r.on_grad(2)
+    r.disarm(record=False)  # a failed step's counts are not kept
+    r.arm()
+    assert [r.on_grad(i) for i in (2, 0, 0)] == [1, None, None]  # tensor 1 gets none this step
+    r.disarm()
+    r.arm()  # tensor 1 had no gradient last step: sub-group 0 may not complete during backward
+    assert [r.on_grad(i) for i in (2, 0, 0, 1)] == [1, None, None, None]
+    r.disarm()
+    r.arm()
+    assert r.on_grad(0) is None  # not armed after disarm: nothing counts
+    r.disarm()
+    assert r.on_grad(0) is None and not r.armed
 
 
 # --- through the trainer ------------------------------------------------------------------------
