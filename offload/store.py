@@ -9,11 +9,10 @@ device memory when the device is the CPU.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,26 +20,21 @@ from torch import Tensor
 
 from longtrain.config_checks import ConfigError
 
+from .direct_io import (
+    ALIGN,
+    aligned_buffer,
+    bytes_of,
+    check_dir,
+    open_direct,
+    padded,
+    pread_exact,
+    pwrite_exact,
+)
 from .memory import HOST_BUFFERS, host_empty
 
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
-
-# O_DIRECT transfers: buffer address, file offset and length must be multiples of the logical block
-# size; 4 KiB covers every current disk. File regions start on ALIGN boundaries. Writes go through a
-# bounce buffer of BOUNCE_BYTES.
-ALIGN = 4096
+# Writes go through a bounce buffer of BOUNCE_BYTES (a multiple of ALIGN, so every chunk but the
+# last is whole blocks). File regions start on ALIGN boundaries (direct_io.py has the O_DIRECT rules).
 BOUNCE_BYTES = 8 * 2**20
-
-
-def _padded(nbytes: int) -> int:
-    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _bytes_of(t: Tensor) -> np.ndarray:
-    """A contiguous CPU tensor's memory as a flat uint8 array (no copy; any dtype, bfloat16 too)."""
-    return t.view(torch.uint8).reshape(-1).numpy()
 
 
 class ActivationStore(Protocol):
@@ -86,7 +80,7 @@ class HostStore:
             # CPU to CPU on the copy thread: one plain memcpy (numpy releases the GIL). ``Tensor.copy_``
             # would start a second OpenMP team there, whose threads fight the compute threads for the
             # same cores.
-            np.copyto(_bytes_of(buf), _bytes_of(src))
+            np.copyto(bytes_of(buf), bytes_of(src))
         self._live.add(key)
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor:
@@ -114,11 +108,9 @@ class HostStore:
         self._live.clear()
 
 
-def _aligned_empty(nbytes: int, device_memory: bool) -> Tensor:
-    """A uint8 tensor of ``nbytes`` whose first byte is ALIGN-aligned. ``device_memory``: it will be
-    handed to compute as a read result (device bytes on a CPU device), so it is not registered as host."""
-    if not device_memory:
-        return host_empty(nbytes, align=ALIGN)
+def _aligned_device_empty(nbytes: int) -> Tensor:
+    """A uint8 tensor of ``nbytes`` whose first byte is ALIGN-aligned, handed to compute as a read
+    result (device bytes on a CPU device), so it is not registered as host memory."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     start = -raw.data_ptr() % ALIGN
     return raw[start : start + nbytes]
@@ -146,18 +138,16 @@ class FileStore:
         self.path = Path(name)
         self.direct = False
         if direct:
-            try:
-                fd = os.open(self.path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
-            except OSError as e:
+            os.close(self._fd)
+            self._fd, self.direct, refusal = open_direct(self.path, os.O_RDWR)
+            if refusal is not None:
                 warnings.warn(
-                    f"activation.file_dir {str(self.dir)!r} refuses O_DIRECT ({e.strerror}): the file tier "
+                    f"activation.file_dir {str(self.dir)!r} refuses O_DIRECT ({refusal.strerror}): the file tier "
                     "writes through the page cache, which holds its bytes in memory; point activation.file_dir "
                     "at a local disk",
                     stacklevel=2,
                 )
-            else:
-                os.close(self._fd)
-                self._fd, self.direct = fd, hasattr(os, "O_DIRECT")
+        self._what = f"the activation file {self.path}"
         self._regions: dict[tuple, tuple[int, torch.Size, torch.dtype]] = {}
         self._end = 0
         self._live: set[tuple] = set()
@@ -167,7 +157,7 @@ class FileStore:
     def _bounce_for(self, attr: str, pin: bool) -> Tensor:
         buf = getattr(self, attr)
         if buf is None:
-            buf = host_empty(BOUNCE_BYTES, pin=pin, align=ALIGN)
+            buf = aligned_buffer(BOUNCE_BYTES, pin=pin)
             setattr(self, attr, buf)
         return buf
 
@@ -177,10 +167,10 @@ class FileStore:
         region = self._regions.get(key)
         if region is None or region[1] != src.shape or region[2] != src.dtype:
             region = (self._end, src.shape, src.dtype)
-            self._end += _padded(nbytes)
+            self._end += padded(nbytes)
             self._regions[key] = region
         if not self.direct:
-            self._pwrite(_bytes_of(flat.cpu()), region[0], nbytes)
+            self._pwrite(bytes_of(flat.cpu()), region[0])
         else:
             bounce = self._bounce_for("_bounce", pin=src.is_cuda)
             for pos in range(0, nbytes, BOUNCE_BYTES):
@@ -188,24 +178,17 @@ class FileStore:
                 if flat.is_cuda:
                     bounce[:n].copy_(flat[pos : pos + n])
                 else:  # one memcpy, no OpenMP team on the copy thread (see HostStore.write)
-                    np.copyto(_bytes_of(bounce[:n]), _bytes_of(flat[pos : pos + n]))
-                padded = _padded(n)  # the pad bytes land in this region's own padding
-                self._pwrite(_bytes_of(bounce[:padded]), region[0] + pos, padded)
+                    np.copyto(bytes_of(bounce[:n]), bytes_of(flat[pos : pos + n]))
+                # the pad bytes land in this region's own padding
+                self._pwrite(bytes_of(bounce[: padded(n)]), region[0] + pos)
         self._live.add(key)
 
-    def _pwrite(self, data: np.ndarray, offset: int, nbytes: int) -> None:
-        # an ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
-        written = os.pwrite(self._fd, cast("Buffer", data), offset)
-        if written != nbytes:
-            raise OSError(
-                f"short write to the activation file {self.path} ({written} of {nbytes} bytes); "
-                "is activation.file_dir out of space?"
-            )
+    def _pwrite(self, data: np.ndarray, offset: int) -> None:
+        hint = "; is activation.file_dir out of space?"
+        pwrite_exact(self._fd, data, offset, self._what, direct=self.direct, hint=hint)
 
     def _pread(self, data: np.ndarray, offset: int) -> None:
-        got = os.preadv(self._fd, [cast("Buffer", data)], offset)  # see _pwrite
-        if got != data.nbytes:
-            raise OSError(f"short read from the activation file {self.path} ({got} of {data.nbytes} bytes)")
+        pread_exact(self._fd, data, offset, self._what, direct=self.direct)
 
     def read(self, key: tuple, device: torch.device, non_blocking: bool = False) -> Tensor:
         if key not in self._live:
@@ -214,17 +197,17 @@ class FileStore:
         nbytes = shape.numel() * dtype.itemsize
         if not self.direct:
             out = torch.empty(shape, dtype=dtype)
-            self._pread(_bytes_of(out), offset)
+            self._pread(bytes_of(out), offset)
             return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)
         if device.type == "cpu":  # straight into the tensor compute will use
-            raw = _aligned_empty(_padded(nbytes), device_memory=True)
-            self._pread(_bytes_of(raw), offset)
+            raw = _aligned_device_empty(padded(nbytes))
+            self._pread(bytes_of(raw), offset)
             return raw[:nbytes].view(dtype).view(shape)
         out_flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         bounce = self._bounce_for("_read_bounce", pin=True)
         for pos in range(0, nbytes, BOUNCE_BYTES):
             n = min(BOUNCE_BYTES, nbytes - pos)
-            self._pread(_bytes_of(bounce[: _padded(n)]), offset + pos)
+            self._pread(bytes_of(bounce[: padded(n)]), offset + pos)
             out_flat[pos : pos + n].copy_(bounce[:n])  # synchronous: the bounce buffer is reused
         return out_flat.view(dtype).view(shape)
 
@@ -239,7 +222,7 @@ class FileStore:
         """Forget ``key``; its region leaves the file when it is the last one (else it stays unused)."""
         self._live.discard(key)
         region = self._regions.pop(key, None)
-        if region is not None and region[0] + _padded(region[1].numel() * region[2].itemsize) == self._end:
+        if region is not None and region[0] + padded(region[1].numel() * region[2].itemsize) == self._end:
             self._end = region[0]
             os.ftruncate(self._fd, self._end)
 
@@ -255,23 +238,7 @@ class FileStore:
 
 def check_file_dir(directory: str | Path, need_bytes: int = 0) -> Path:
     """Fail before training if the file tier's directory is not writable or lacks space."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".longtrain-write-test"
-        probe.write_bytes(b"0")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"activation.file_dir {str(path)!r} is not writable ({e.strerror}); set activation.file_dir"
-        ) from None
-    free = shutil.disk_usage(path).free
-    if need_bytes > free:
-        raise ConfigError(
-            f"activation.file_dir {str(path)!r} has {free / 2**30:.1f} GiB free but the file tier needs "
-            f"{need_bytes / 2**30:.1f} GiB; point activation.file_dir at a larger disk or lower activation.alpha"
-        )
-    return path
+    return check_dir(directory, "activation.file_dir", need_bytes, remedy=" or lower activation.alpha")
 
 
 def build_store(tier: str, file_dir: str | None) -> HostStore | FileStore:

@@ -1,18 +1,26 @@
-"""Optimizer and learning-rate schedule from ``OptimConfig``.
+"""The optimizer container and learning-rate schedule from ``OptimConfig``.
 
-The optimizer-state offload tiers (CPU DRAM, CXL, NVMe) plug in here later; for now the state
-lives where the parameters live.
+``build_optimizer`` splits the trainable parameters into sub-groups, places each sub-group's state
+on a tier (``placement.py``), checks everything a user can get wrong (budget, NVMe directory, CXL
+node, CPU AdamW implementation) and returns the ``OptimizerContainer`` (``container.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
+from longtrain.config_checks import ConfigError
+
 from .config import OptimConfig
+from .container import OptimizerContainer
+from .cpu_adam import resolve_cpu_impl
+from .placement import Placement, place_subgroups, split_subgroups
+from .tiers import resolve_cxl_node
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,12 +33,65 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def _defaults(cfg: OptimConfig) -> dict[str, Any]:
     if cfg.name == "adamw":
-        betas = cast(tuple[float, float], tuple(cfg.betas))  # OptimConfig checks there are two
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        betas = (float(cfg.betas[0]), float(cfg.betas[1]))  # OptimConfig checks there are two
+        return {"lr": cfg.lr, "betas": betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+
+
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    *,
+    overlap_backward: bool = True,
+    placement: Placement | None = None,
+) -> OptimizerContainer:
+    """The container over ``model``'s trainable parameters.
+
+    ``overlap_backward``: updates may start during the last backward of a step (False under data
+    parallelism: gradients are final only after their sync). ``placement``: the tier of each
+    sub-group (a solver's answer), instead of the rule of ``place_subgroups`` for ``cfg.offload``.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    subgroups = [
+        [params[i] for i in idx] for idx in split_subgroups([p.numel() for p in params], cfg.subgroup_params)
+    ]
+    dtype = params[0].dtype
+    state_bytes = [2 * sum(p.numel() for p in sub) * dtype.itemsize for sub in subgroups]
+    if placement is None:
+        budget = cfg.dram_budget_bytes
+        if cfg.offload == "auto" and budget is None:
+            budget = psutil.virtual_memory().available // 2
+        # On CUDA the host tiers update in a pinned buffer of [parameters | gradients] of the largest
+        # sub-group (no per-step allocation), whatever the placement.
+        cuda_work = 2 * max(state_bytes) if params[0].device.type == "cuda" and cfg.offload != "none" else 0
+        placement = place_subgroups(state_bytes, cfg.offload, budget, fixed_bytes=cuda_work)
+    elif len(placement.tiers) != len(subgroups):
+        raise ValueError(f"placement has {len(placement.tiers)} tiers for {len(subgroups)} sub-groups")
+    tiers = set(placement.tiers)
+    if cfg.name != "adamw" and tiers != {"device"}:
+        raise ConfigError(f"optim.offload needs optim.name=adamw, got optim.name={cfg.name}")
+    if "nvme" in tiers and cfg.nvme_dir is None:
+        raise ConfigError(
+            f"optim.offload={cfg.offload} puts optimizer state on nvme (it does not fit "
+            "optim.dram_budget_bytes) and needs optim.nvme_dir (a directory on a local NVMe disk)"
+        )
+    cxl_node = resolve_cxl_node(cfg.cxl_node) if "cxl" in tiers else None
+    cpu_impl = resolve_cpu_impl(cfg.cpu_impl, dtype) if tiers != {"device"} else "torch"
+    return OptimizerContainer(
+        groups,
+        _defaults(cfg),
+        subgroups,
+        placement,
+        cfg,
+        cpu_impl=cpu_impl,
+        cxl_node=cxl_node,
+        overlap_backward=overlap_backward,
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -47,3 +108,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]

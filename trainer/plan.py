@@ -162,18 +162,25 @@ def dry_run_report(cfg: JobConfig) -> tuple[str, list[str]]:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     state_bytes = n_params * 16  # fp32 weights + grads + Adam m, v
+    offload = cfg.optim.offload
+    device_state = state_bytes if offload == "none" else n_params * 8  # m, v off the device
     tokens = _tokens(cfg)
     lines = [
         f"model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params / 1e6:.1f}M parameters",
-        f"model states (fp32 weights, grads, AdamW): {state_bytes / GIB:.2f} GiB per data-parallel replica",
+        f"model states (fp32 weights, grads, AdamW): {state_bytes / GIB:.2f} GiB per data-parallel replica"
+        + (
+            f", {device_state / GIB:.2f} GiB of it on the device (optim.offload={offload})"
+            if offload != "none"
+            else ""
+        ),
         f"tokens per micro-batch: {tokens}; plain autograd would hold "
         f"{format_bytes(plain_activation_bytes(cfg, c))} of activations",
         _activation_line(cfg, c),
     ]
-    if state_bytes > 80 * GIB:
+    if device_state > 80 * GIB:
         lines.append(
-            f"warning: model states alone ({state_bytes / GIB:.0f} GiB) exceed one 80 GiB GPU; this job needs "
-            "optimizer-state offload or sharding, which longtrain does not provide yet (planned: optim/)"
+            f"warning: model states on the device alone ({device_state / GIB:.0f} GiB) exceed one 80 GiB GPU; "
+            "this job needs optim.offload (AdamW state in DRAM / CXL / NVMe) or sharding (planned)"
         )
     lines += [
         f"checked: {'; '.join(checked)}" if checked else "checked: no path passed (see the error below)",

@@ -3,7 +3,9 @@
 
 One optimizer step:
     grad_accum micro-batches -> forward (layers run by the activation executor) -> chunked loss
-    / global token count -> backward -> sum gradients over data-parallel ranks -> clip -> step
+    / global token count -> backward -> sum gradients over data-parallel ranks -> the optimizer
+    container clips and updates each sub-group on the tier holding its state (on one rank it may
+    start during the last backward)
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 
 from longtrain.checkpoint import CheckpointError, SyncCheckpointer
 from longtrain.offload import apply_activation_memory
+from longtrain.optim import OptimizerContainer, build_scheduler
 from longtrain.optim import build_optimizer as make_optimizer
-from longtrain.optim import build_scheduler
 from longtrain.parallel import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
 from longtrain.trainer.data import (
     IGNORE_INDEX,
@@ -120,8 +122,9 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     return apply_activation_memory(model, activation)
 
 
-def build_optimizer(cfg: JobConfig, model: CausalLM):
-    optimizer = make_optimizer(model, cfg.optim)
+def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM):
+    # Under data parallelism gradients are final only after sync_gradients: no update during backward.
+    optimizer = make_optimizer(model, cfg.optim, overlap_backward=mesh.dp_size == 1)
     return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
 
@@ -162,7 +165,7 @@ class Job:
     tokenizer: Tokenizer
     loader: PackedLoader
     model: CausalLM
-    optimizer: Any
+    optimizer: OptimizerContainer
     scheduler: Any
     checkpointer: SyncCheckpointer
     start_step: int
@@ -178,7 +181,7 @@ class Job:
         mesh, model = self.mesh, self.model
         num_tokens = all_reduce_sum(sum(mb.num_loss_tokens for mb in micro_batches), mesh)
         loss_sum, flops = 0.0, 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = mb.to(mesh.device, non_blocking=True)
             with self.autocast():
                 out = model(
@@ -188,17 +191,15 @@ class Job:
                     doc_spans=mb.doc_spans,
                     loss_normalizer=max(num_tokens, 1),
                 )
+            if i == len(micro_batches) - 1:
+                self.optimizer.before_last_backward()  # its gradients are final: updates may start
             out.loss.backward()
             loss_sum += out.loss_sum.item()
             flops += self._flops(mb)
         sync_gradients(model, mesh)
-        params = [p for p in model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         lr = self.optimizer.param_groups[0]["lr"]  # before scheduler.step() moves it to the next step's
-        self.optimizer.step()
+        grad_norm = self.optimizer.clip_and_step()  # clip to optim.grad_clip, update, drop the gradients
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         seen = sum(mb.input_ids.numel() for mb in micro_batches)
         return StepResult(
             loss=all_reduce_sum(loss_sum, mesh) / max(num_tokens, 1),
@@ -250,8 +251,10 @@ class Job:
         return sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
 
     def close(self) -> None:
-        """Release the activation executor's threads and files, and leave the process group."""
+        """Release the activation executor's and the optimizer's threads and files, and leave the
+        process group."""
         self.model.layer_executor.close()
+        self.optimizer.close()
         shutdown(self.mesh)
 
     def run(self) -> list[dict[str, Any]]:
@@ -308,6 +311,7 @@ class Job:
                         "mfu": window_flops / elapsed / (peak * mesh.world_size),
                         "mem_peak_bytes": peak_memory_bytes(mesh.device),
                         **self.model.layer_executor_stats(),
+                        **self.optimizer.stats(),
                     }
                     window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if self.val_rows is not None and (
@@ -345,7 +349,7 @@ def prepare(cfg: JobConfig) -> Job:
     mesh = init_mesh(cfg.parallel, cfg.train.device)
     tokenizer, loader, val_rows = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, mesh, model)
     checkpointer = build_checkpointer(cfg, mesh, model)
     start_step = 0
     # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.

@@ -80,11 +80,30 @@ def test_param_groups_decay_only_matrices(make_tiny_model):
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_build_optimizer(make_tiny_model, name):
-    model = adapt(make_tiny_model("llama"))
-    opt = build_optimizer(model, OptimConfig(name=name, lr=0.01, betas=[0.8, 0.9]))
-    assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[name]
+    """optim.name picks the algorithm and its hyperparameters reach it: two steps of the container
+    (state beside the parameters, no clipping) equal torch's AdamW / SGD over the same parameter
+    groups, bit for bit."""
+    model, ref_model = adapt(make_tiny_model("llama")), adapt(make_tiny_model("llama"))
+    cfg = OptimConfig(name=name, lr=0.01, betas=[0.8, 0.9], grad_clip=0.0)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.Optimizer)  # what LambdaLR needs
     if name == "adamw":
         assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    groups = param_groups(ref_model, cfg.weight_decay)
+    ref = (
+        torch.optim.AdamW(groups, lr=0.01, betas=(0.8, 0.9), eps=cfg.eps)
+        if name == "adamw"
+        else torch.optim.SGD(groups, lr=0.01, momentum=cfg.momentum)
+    )
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for m, o in ((model, opt), (ref_model, ref)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    opt.close()
 
 
 # --- checkpoints -------------------------------------------------------------------------------
