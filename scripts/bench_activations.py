@@ -686,7 +686,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.file_dir, ignore_errors=True)
     result = report(timing, search, args)
-    if _code_version() != args.code_start:
+    if _code_version().split("+")[1] != args.code_start.split("+")[1]:  # the measured sources, not HEAD
         print(
             f"WARNING: offload/ or trainer/model/ changed during the run ({args.code_start} -> {_code_version()})"
         )
