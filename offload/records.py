@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .copy_engine import Copy
+from .plan import ActivationPlan
 
 
 def storage_key(t: Tensor) -> int:
@@ -110,3 +111,31 @@ class LayerRecord:
     prefetched: bool = False
     rebuilt: bool = False
 
+
+
+def step_stats(
+    plan: ActivationPlan, alphas: list[float | str], records: dict[int, LayerRecord], t: int
+) -> dict[str, Any]:
+    """One step's bytes per tier and per tokenwise layer (``records``, by layer index), counted at
+    submission: the copy threads may still be filling the stores, so reading store.nbytes() would
+    race with the last layers' copies."""
+    totals = {"host_bytes": 0, "file_bytes": 0}
+    per_layer: dict[str, Any] = {}
+    cuts: set[tuple[float | str, int]] = set()
+    for i, rec in records.items():
+        tier = plan.layers[i].tier
+        offloaded = rec.whole_bytes + rec.row_bytes
+        totals[f"{tier}_bytes"] += offloaded
+        per_layer[f"layer{i}_{tier}_bytes"] = offloaded
+        per_layer[f"layer{i}_alpha"] = alphas[i]
+        per_layer[f"layer{i}_recomputed_rows"] = t - rec.a
+        cuts.add((alphas[i], rec.a))
+    stats: dict[str, Any] = {
+        **totals,
+        "offloaded_layers": len(records),
+        "recomputed_rows": sum(t - rec.a for rec in records.values()),
+        "recomputed_layers": sum(layer.mode == "recompute" for layer in plan.layers),
+    }
+    if len(cuts) == 1:  # one alpha for every tokenwise layer (a uniform config)
+        ((stats["alpha"], stats["offload_rows_per_layer"]),) = cuts
+    return {**stats, **per_layer}

@@ -53,6 +53,7 @@ from .records import (
     is_param_like,
     nbytes_of,
     parameter_storages,
+    step_stats,
     storage_key,
     view_key,
 )
@@ -150,30 +151,6 @@ class TokenwiseExecutor:
             stats["link_emulated_gbps"] = self.plan.link_gbps
         return stats
 
-    def _step_stats(self, t: int) -> dict[str, Any]:
-        """This step's bytes per tier and per layer, counted at submission: the copy threads may still
-        be filling the stores, so reading store.nbytes() would race with the last layers' copies."""
-        totals = {"host_bytes": 0, "file_bytes": 0}
-        per_layer: dict[str, Any] = {}
-        cuts: set[tuple[float | str, int]] = set()
-        for i, rec in self.records.items():
-            tier = self.plan.layers[i].tier
-            offloaded = rec.whole_bytes + rec.row_bytes
-            totals[f"{tier}_bytes"] += offloaded
-            per_layer[f"layer{i}_{tier}_bytes"] = offloaded
-            per_layer[f"layer{i}_alpha"] = self.alphas[i]
-            per_layer[f"layer{i}_recomputed_rows"] = t - rec.a
-            cuts.add((self.alphas[i], rec.a))
-        stats: dict[str, Any] = {
-            **totals,
-            "offloaded_layers": len(self.records),
-            "recomputed_rows": sum(t - rec.a for rec in self.records.values()),
-            "recomputed_layers": sum(layer.mode == "recompute" for layer in self.plan.layers),
-        }
-        if len(cuts) == 1:  # one alpha for every tokenwise layer (a uniform config)
-            ((stats["alpha"], stats["offload_rows_per_layer"]),) = cuts
-        return {**stats, **per_layer}
-
     # ---------------------------------------------------------------- forward
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         if not torch.is_grad_enabled():  # nothing is saved for backward: run plainly
@@ -201,7 +178,7 @@ class TokenwiseExecutor:
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
                     x_th = run_layer(parts, x_th, ctx)
-        self._stats = self._step_stats(t)
+        self._stats = step_stats(self.plan, self.alphas, self.records, t)
         if self.records:  # the last tokenwise layer's backward follows the layers above it
             self._prefetch(max(self.records))
         return x_th
