@@ -82,12 +82,12 @@ class ActivationPlan:
             raise ConfigError(f"activation.mode={cfg.mode} has no per-layer plan; use none, recompute or tokenwise")
         n_tokenwise = max(0, num_layers - cfg.keep_last) if cfg.mode == "tokenwise" else 0
 
-        def mode(i: int) -> str:
-            if cfg.mode == "recompute":
-                return "recompute"
-            return "tokenwise" if i < n_tokenwise else "keep"
+        def layer(i: int) -> LayerPlan:
+            if i < n_tokenwise:
+                return LayerPlan("tokenwise", cfg.alpha, cfg.tier, cfg.tile_rows)
+            return LayerPlan("recompute" if cfg.mode == "recompute" else "keep")
 
-        layers = tuple(LayerPlan(mode(i), cfg.alpha, cfg.tier, cfg.tile_rows) for i in range(num_layers))
+        layers = tuple(layer(i) for i in range(num_layers))
         return cls(layers, **_shared(cfg))
 
     def tiers(self) -> list[str]:

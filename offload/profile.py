@@ -7,8 +7,9 @@
   probe's key is released afterwards, so the store keeps none of its memory.
 
 ``resolve_alpha`` turns a profile into alpha with ``cost.tokenwise_alpha``; alpha="auto" runs both
-on the first step of every new length, and a benchmark can call ``measure`` directly to choose
-alpha and keep_last for a memory budget.
+(``auto_alphas``: per tier of a plan) on the first step of every new length, and a benchmark can
+call ``measure`` directly to choose alpha and keep_last for a memory budget. Behind an emulated
+link (``link.py``) the measured bandwidth is the link's.
 """
 
 from __future__ import annotations

@@ -58,5 +58,3 @@ def plain_layer_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype):
     whole, rows = skeletal_bytes_per_token(h, n_heads, n_kv, head_dim, ffn, dtype)
     x = dtype.itemsize * h
     return rows + whole - x + (4 * h if dtype == torch.float32 else 0)
-
-
