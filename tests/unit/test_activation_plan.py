@@ -330,3 +330,18 @@ def test_trainer_reads_a_plan_file(tmp_path):
         assert (line["layer0_alpha"], line["layer2_alpha"]) == (0.5, 0.0)
         assert line["recomputed_layers"] == 1 and line["offloaded_layers"] == 2
         assert not any(key.startswith(("layer1_", "layer3_")) for key in line)
+
+
+def test_dry_run_reads_and_checks_the_plan_file(tmp_path):
+    from longtrain.trainer.compose import compose
+    from longtrain.trainer.plan import dry_run_report
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"layers": GOOD}))
+    cfg = compose("tiny_cpu", [f"activation.plan={path}", f"output_dir={tmp_path / 'out'}"])
+    report, problems = dry_run_report(cfg)
+    assert f"per-layer plan activation.plan={path} (2 keep, 1 recompute, 1 tokenwise" in report, report
+    assert problems == []
+    path.write_text(json.dumps({"layers": GOOD[:3]}))
+    with pytest.raises(ConfigError, match=r"has 3 layers but the model has 4"):
+        dry_run_report(cfg)
