@@ -13,7 +13,9 @@ TIERS = ("host", "file")
 def check_tile_rows(key: str, tile_rows: int) -> None:
     """Tiled row-wise compute is not built yet: only 0 (the whole sequence) runs."""
     if tile_rows > 0:
-        raise ConfigError(f"{key} > 0 is not implemented yet (tiled row-wise compute); use 0, the whole sequence")
+        raise ConfigError(
+            f"{key} > 0 is not implemented yet (tiled row-wise compute); use 0, the whole sequence"
+        )
 
 
 @dataclass

@@ -79,7 +79,9 @@ class ActivationPlan:
         """The plan of a uniform config: mode tokenwise -> the last keep_last layers kept, the others
         tokenwise at cfg.alpha / cfg.tier; recompute -> every layer recomputed; none -> every layer kept."""
         if cfg.mode not in ("none", "recompute", "tokenwise"):
-            raise ConfigError(f"activation.mode={cfg.mode} has no per-layer plan; use none, recompute or tokenwise")
+            raise ConfigError(
+                f"activation.mode={cfg.mode} has no per-layer plan; use none, recompute or tokenwise"
+            )
         n_tokenwise = max(0, num_layers - cfg.keep_last) if cfg.mode == "tokenwise" else 0
 
         def layer(i: int) -> LayerPlan:
@@ -114,7 +116,9 @@ def _shared(cfg: ActivationConfig) -> dict[str, Any]:
 def plan_from_json(data: Any, num_layers: int, cfg: ActivationConfig, where: str) -> ActivationPlan:
     """The plan a parsed plan file describes (``where`` names the file in errors)."""
     if not isinstance(data, dict) or "layers" not in data:
-        raise ConfigError(f'{where} must be a JSON object {{"layers": [...]}} with one entry per decoder layer')
+        raise ConfigError(
+            f'{where} must be a JSON object {{"layers": [...]}} with one entry per decoder layer'
+        )
     unknown = sorted(set(data) - {"layers"})
     if unknown:
         raise ConfigError(f'{where}: unknown key(s) {unknown}; a plan has only "layers"')
@@ -153,7 +157,9 @@ def load_plan(cfg: ActivationConfig, num_layers: int) -> ActivationPlan:
     try:
         text = Path(cfg.plan).read_text()
     except OSError as e:
-        raise ConfigError(f"{where} cannot be read ({e.strerror}); point activation.plan at a plan file") from None
+        raise ConfigError(
+            f"{where} cannot be read ({e.strerror}); point activation.plan at a plan file"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -56,7 +56,9 @@ def saved_bytes_per_token(
         ctx, cos_td=ctx.cos_td[:r], sin_td=ctx.sin_td[:r], docs=DocSpans.single(r)
     )
     engine = ThreadCopyEngine(HostStore(), torch.device("cpu"))
-    probe = TokenwiseExecutor({"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)), param_storages)
+    probe = TokenwiseExecutor(
+        {"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)), param_storages
+    )
     try:
         x = x_th[:r].detach().requires_grad_(x_th.is_floating_point())
         whole, rows = probe.layer_offload_bytes(parts, x, probe_ctx)
@@ -155,7 +157,9 @@ def auto_alphas(
     alphas: list[float | str] = [layer.alpha for layer in plan.layers]
     profiles: dict[str, LayerProfile] = {}
     for tier in plan.tiers():
-        tokenwise = [i for i, layer in enumerate(plan.layers) if layer.mode == "tokenwise" and layer.tier == tier]
+        tokenwise = [
+            i for i, layer in enumerate(plan.layers) if layer.mode == "tokenwise" and layer.tier == tier
+        ]
         auto = [i for i in tokenwise if alphas[i] == "auto"]
         if not auto:
             continue

@@ -112,7 +112,6 @@ class LayerRecord:
     rebuilt: bool = False
 
 
-
 def step_stats(
     plan: ActivationPlan, alphas: list[float | str], records: dict[int, LayerRecord], t: int
 ) -> dict[str, Any]:

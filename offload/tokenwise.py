@@ -45,6 +45,7 @@ from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 from .cost import split_row
 from .heap import HeapTrimmer
 from .plan import ActivationPlan
+from .recompute import checkpointed
 from .records import (
     Handle,
     LayerRecord,
@@ -57,7 +58,6 @@ from .records import (
     storage_key,
     view_key,
 )
-from .recompute import checkpointed
 
 if TYPE_CHECKING:
     from .profile import LayerProfile
@@ -338,9 +338,7 @@ class TokenwiseExecutor:
         )
         if offset < 0 or (tensor.numel() and last >= rec.wholes[idx].numel):
             return None  # shares the storage but reaches outside the whole tensor
-        return Slot(
-            "view", whole=idx, size=tuple(tensor.shape), stride=tuple(tensor.stride()), offset=offset
-        )
+        return Slot("view", whole=idx, size=tuple(tensor.shape), stride=tuple(tensor.stride()), offset=offset)
 
     def _row_slot(self, rec: LayerRecord, segment: str, tensor: Tensor) -> Slot:
         """A tensor of t token rows: its first a rows offloaded, the rest recomputed in backward."""

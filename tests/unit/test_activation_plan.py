@@ -65,7 +65,9 @@ def assert_identical(got, ref, label):
     assert torch.equal(loss, ref_loss), f"{label}: loss {loss.item()!r} != {ref_loss.item()!r}"
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
-        assert torch.equal(grads[name], g), f"{label}: grad of {name} differs by {(grads[name] - g).abs().max():.3e}"
+        assert torch.equal(grads[name], g), (
+            f"{label}: grad of {name} differs by {(grads[name] - g).abs().max():.3e}"
+        )
 
 
 # ------------------------------------------------------------------------------ mixed plans
@@ -130,7 +132,9 @@ def test_uniform_config_equals_its_explicit_plan():
     uniform, explicit = run(model, ids, cfg), run(model, ids, plan)
     assert_identical(explicit, uniform, "explicit plan")
     for got, ref in zip(explicit[2:4], uniform[2:4], strict=True):
-        assert {k: v for k, v in got.items() if k not in TIMINGS} == {k: v for k, v in ref.items() if k not in TIMINGS}
+        assert {k: v for k, v in got.items() if k not in TIMINGS} == {
+            k: v for k, v in ref.items() if k not in TIMINGS
+        }
     stats = uniform[2]
     assert stats["alpha"] == 0.3 and stats["offload_rows_per_layer"] == cost.split_row(0.3, 64)
     assert [stats[f"layer{i}_alpha"] for i in range(3)] == [0.3] * 3 and "layer3_alpha" not in stats
@@ -210,14 +214,23 @@ def with_layer(i, entry):
         ({"layers": GOOD[:3]}, r"has 3 layers but the model has 4"),
         ({"layers": GOOD + [{"mode": "keep"}]}, r"has 5 layers but the model has 4"),
         (with_layer(1, {"mode": "keep", "alhpa": 0.3}), r"layers\[1\] has unknown field\(s\) \['alhpa'\]"),
-        (with_layer(2, {"mode": "tokenwise", "alpha": 1.5}), r"layers\[2\]\.alpha must be in \[0, 1\], got 1\.5"),
+        (
+            with_layer(2, {"mode": "tokenwise", "alpha": 1.5}),
+            r"layers\[2\]\.alpha must be in \[0, 1\], got 1\.5",
+        ),
         (with_layer(2, {"mode": "tokenwise", "alpha": -0.1}), r"layers\[2\]\.alpha must be in \[0, 1\]"),
         (with_layer(0, {"mode": "tokenwise", "alpha": True}), r"layers\[0\]\.alpha"),
         (with_layer(0, {"mode": "swap"}), r"layers\[0\]\.mode must be one of keep, recompute, tokenwise"),
         (with_layer(3, {"mode": "tokenwise", "tier": "ssd"}), r"layers\[3\]\.tier must be one of host, file"),
         (with_layer(1, {"alpha": 0.5}), r"layers\[1\]\.mode is missing"),
-        (with_layer(0, {"mode": "tokenwise", "tile_rows": 128}), r"layers\[0\]\.tile_rows > 0 is not implemented yet"),
-        (with_layer(0, {"mode": "tokenwise", "tile_rows": -1}), r"layers\[0\]\.tile_rows must be an int >= 0"),
+        (
+            with_layer(0, {"mode": "tokenwise", "tile_rows": 128}),
+            r"layers\[0\]\.tile_rows > 0 is not implemented yet",
+        ),
+        (
+            with_layer(0, {"mode": "tokenwise", "tile_rows": -1}),
+            r"layers\[0\]\.tile_rows must be an int >= 0",
+        ),
         (with_layer(3, "keep"), r"layers\[3\] must be an object"),
         (GOOD, r"must be a JSON object"),
         ({"layers": GOOD, "version": 1}, r"unknown key\(s\) \['version'\]"),
@@ -240,7 +253,9 @@ def test_plan_file_that_is_not_json_or_missing(tmp_path):
     model = tiny_model()
     path = tmp_path / "plan.json"
     path.write_text('{"layers": [{"mode": "keep"},]}')
-    with pytest.raises(ConfigError, match=r"^activation\.plan .*plan\.json is not JSON \(.* line 1 column \d+\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^activation\.plan .*plan\.json is not JSON \(.* line 1 column \d+\)$"
+    ):
         apply_activation_memory(model, {"plan": str(path)})
     with pytest.raises(ConfigError, match=r"^activation\.plan .*absent\.json cannot be read"):
         apply_activation_memory(model, {"plan": str(tmp_path / "absent.json")})
@@ -249,15 +264,36 @@ def test_plan_file_that_is_not_json_or_missing(tmp_path):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: ActivationConfig(mode="tokenwise", link_gbps=0), r"^activation\.link_gbps must be a number > 0, got 0"),
-        (lambda: ActivationConfig(mode="tokenwise", link_gbps=-1.0), r"^activation\.link_gbps must be a number > 0"),
+        (
+            lambda: ActivationConfig(mode="tokenwise", link_gbps=0),
+            r"^activation\.link_gbps must be a number > 0, got 0",
+        ),
+        (
+            lambda: ActivationConfig(mode="tokenwise", link_gbps=-1.0),
+            r"^activation\.link_gbps must be a number > 0",
+        ),
         (lambda: ActivationConfig(mode="tokenwise", link_gbps="fast"), r"^activation\.link_gbps must be"),
-        (lambda: ActivationConfig(mode="none", link_gbps=1.0), r"^activation\.link_gbps emulates the link of the tokenwise"),
-        (lambda: ActivationConfig(mode="tokenwise", tile_rows=64), r"^activation\.tile_rows > 0 is not implemented yet"),
-        (lambda: ActivationConfig(mode="tokenwise", tile_rows=-1), r"^activation\.tile_rows must be an int >= 0"),
+        (
+            lambda: ActivationConfig(mode="none", link_gbps=1.0),
+            r"^activation\.link_gbps emulates the link of the tokenwise",
+        ),
+        (
+            lambda: ActivationConfig(mode="tokenwise", tile_rows=64),
+            r"^activation\.tile_rows > 0 is not implemented yet",
+        ),
+        (
+            lambda: ActivationConfig(mode="tokenwise", tile_rows=-1),
+            r"^activation\.tile_rows must be an int >= 0",
+        ),
         (lambda: ActivationConfig(plan=""), r"^activation\.plan must be a non-empty string"),
-        (lambda: ActivationPlan((LayerPlan("keep"),), link_gbps=0.0), r"^activation\.link_gbps must be a number > 0"),
-        (lambda: ActivationPlan((LayerPlan("tokenwise", 2.0),)), r"^activation\.plan\.layers\[0\]\.alpha must be in"),
+        (
+            lambda: ActivationPlan((LayerPlan("keep"),), link_gbps=0.0),
+            r"^activation\.link_gbps must be a number > 0",
+        ),
+        (
+            lambda: ActivationPlan((LayerPlan("tokenwise", 2.0),)),
+            r"^activation\.plan\.layers\[0\]\.alpha must be in",
+        ),
     ],
 )
 def test_bad_activation_keys_name_the_key(make, match):
@@ -272,7 +308,9 @@ def test_plan_of_the_wrong_length_and_file_tier_without_dir_fail_at_apply_time()
     with pytest.raises(ConfigError, match=r"^activation\.plan has 3 layers but the model has 4"):
         apply_activation_memory(model, ActivationPlan((LayerPlan("keep"),) * 3))
     with pytest.raises(ConfigError, match=r"activation\.file_dir"):
-        apply_activation_memory(model, ActivationPlan((LayerPlan("tokenwise", 0.5, "file"),) + (LayerPlan("keep"),) * 3))
+        apply_activation_memory(
+            model, ActivationPlan((LayerPlan("tokenwise", 0.5, "file"),) + (LayerPlan("keep"),) * 3)
+        )
     assert model.layer_executor is before
 
 
@@ -326,7 +364,10 @@ def test_trainer_reads_a_plan_file(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "plan" / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         assert line["layer0_host_bytes"] > line["layer2_file_bytes"] > 0
-        assert line["host_bytes"] == line["layer0_host_bytes"] and line["file_bytes"] == line["layer2_file_bytes"]
+        assert (
+            line["host_bytes"] == line["layer0_host_bytes"]
+            and line["file_bytes"] == line["layer2_file_bytes"]
+        )
         assert (line["layer0_alpha"], line["layer2_alpha"]) == (0.5, 0.0)
         assert line["recomputed_layers"] == 1 and line["offloaded_layers"] == 2
         assert not any(key.startswith(("layer1_", "layer3_")) for key in line)
