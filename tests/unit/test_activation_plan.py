@@ -272,7 +272,10 @@ def test_plan_file_that_is_not_json_or_missing(tmp_path):
             lambda: ActivationConfig(mode="tokenwise", link_gbps=-1.0),
             r"^activation\.link_gbps must be a number > 0",
         ),
-        (lambda: ActivationConfig(mode="tokenwise", link_gbps="fast"), r"^activation\.link_gbps must be"),
+        (
+            lambda: apply_activation_memory(tiny_model(layers=1), {"mode": "tokenwise", "link_gbps": "fast"}),
+            r"^activation\.link_gbps must be",
+        ),
         (
             lambda: ActivationConfig(mode="none", link_gbps=1.0),
             r"^activation\.link_gbps emulates the link of the tokenwise",
