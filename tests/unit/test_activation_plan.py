@@ -14,6 +14,7 @@ Oracles:
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -197,6 +198,23 @@ def test_auto_alpha_is_fractional_behind_a_slow_link(monkeypatch):
     assert 0.0 < alpha < 1.0 and abs(alpha - 0.5) < 0.2, alpha
     assert slow[2]["link_emulated_gbps"] == gbps
     assert_identical(slow, fast, "alpha auto behind the link")
+
+
+def test_link_is_emulated_on_a_cpu_device_only(tmp_path):
+    """A CUDA device has a real link (and issues its copies from the compute thread): rejected there,
+    naming the key; on a CPU device one write of n bytes takes at least n / bandwidth."""
+    from longtrain.offload import link, store
+
+    with pytest.raises(ConfigError, match=r"^activation\.link_gbps emulates a link on a CPU device"):
+        link.emulate_link(store.HostStore(), 1.0, torch.device("cuda"))
+    assert isinstance(link.emulate_link(store.HostStore(), None, torch.device("cpu")), store.HostStore)
+    slow = link.emulate_link(store.HostStore(), 0.01, torch.device("cpu"))  # 10 MB/s
+    src = torch.ones(2**17, dtype=torch.float64)  # 1 MiB: at least 0.105 s
+    t0 = time.perf_counter()
+    slow.write(("k",), src)
+    assert time.perf_counter() - t0 >= src.numel() * 8 / 1e7
+    assert torch.equal(slow.read(("k",), torch.device("cpu")), src) and slow.nbytes() == 2**20
+    slow.close()
 
 
 # ------------------------------------------------------------------------------------ bad input
