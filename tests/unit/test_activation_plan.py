@@ -200,7 +200,7 @@ def test_auto_alpha_is_fractional_behind_a_slow_link(monkeypatch):
     assert_identical(slow, fast, "alpha auto behind the link")
 
 
-def test_link_is_emulated_on_a_cpu_device_only(tmp_path):
+def test_link_is_emulated_on_a_cpu_device_only():
     """A CUDA device has a real link (and issues its copies from the compute thread): rejected there,
     naming the key; on a CPU device one write of n bytes takes at least n / bandwidth."""
     from longtrain.offload import link, store
