@@ -1,12 +1,16 @@
 """Activation memory: where saved activations live between forward and backward.
 
-    apply_activation_memory(model, cfg)   # cfg: ActivationConfig or a dict with its keys
+    apply_activation_memory(model, cfg)   # cfg: ActivationConfig (uniform, or activation.plan=FILE),
+                                          # a dict with its keys, or an ActivationPlan (per layer)
     activation_stats(model)               # the executor's statistics of the last step
     measure(layers, x_th, ctx, store, parameter_storages(model)) -> LayerProfile
 
 ``apply_activation_memory`` swaps the adapted model's ``LayerExecutor``; the model code itself
-never branches on the mode. ``measure`` profiles one layer (forward time, copy bandwidth, whole
-and row bytes per token): what alpha="auto" uses, for a benchmark or planner to size a budget.
+never branches on the mode. mode none / recompute / offload run the baselines (the real torch
+mechanisms); tokenwise and every per-layer plan run one executor (``TokenwiseExecutor``) in which
+each layer is kept, recomputed or token-wise swapped with its own alpha and tier. ``measure``
+profiles one layer (forward time, copy bandwidth, whole and row bytes per token): what
+alpha="auto" uses, for a benchmark or planner to size a budget.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import nn
 
 from longtrain.config_checks import ConfigError
@@ -22,14 +27,18 @@ from longtrain.trainer.model.adapter import CausalLM, LayerExecutor, PlainExecut
 from .config import ActivationConfig
 from .copy_engine import build_copy_engine
 from .heap import build_heap_trimmer
-from .profile import LayerProfile, auto_alpha, measure
+from .link import emulate_link
+from .plan import ActivationPlan, LayerPlan, load_plan
+from .profile import LayerProfile, auto_alphas, measure
 from .recompute import OffloadAllExecutor, RecomputeExecutor, TrimmedPlainExecutor
-from .store import build_store
+from .store import ActivationStore, build_store
 from .tokenwise import TokenwiseExecutor, parameter_storages
 
 __all__ = [
     "ActivationConfig",
+    "ActivationPlan",
     "LayerExecutor",
+    "LayerPlan",
     "LayerProfile",
     "activation_stats",
     "apply_activation_memory",
@@ -52,37 +61,72 @@ def _as_config(cfg: ActivationConfig | dict[str, Any] | None) -> ActivationConfi
     raise TypeError(f"activation config must be an ActivationConfig or a dict, got {type(cfg).__name__}")
 
 
-def apply_activation_memory(model: nn.Module, cfg: ActivationConfig | dict[str, Any] | None) -> CausalLM:
-    """Install the activation-memory technique of ``cfg.mode`` on ``model`` (adapted first if it is
-    a plain HF model; the adapted model shares its parameters) and return the model."""
-    cfg = _as_config(cfg)
+def apply_activation_memory(
+    model: nn.Module, cfg: ActivationConfig | ActivationPlan | dict[str, Any] | None
+) -> CausalLM:
+    """Install the activation-memory technique ``cfg`` describes on ``model`` (adapted first if it
+    is a plain HF model; the adapted model shares its parameters) and return the model. A rejected
+    config raises ConfigError and leaves the model's executor as it was."""
     lm = adapt(model)
-    executor: LayerExecutor
     device = next(lm.parameters()).device
-    # auto trims for the tokenwise file tier only; true trims in every mode (one allocator policy for
-    # all). Built before the store: it may raise.
-    trimmer = build_heap_trimmer(cfg.trim_heap, device.type, cfg.tier if cfg.mode == "tokenwise" else None)
-    if cfg.mode == "none":
-        executor = TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
-    elif cfg.mode == "recompute":
-        executor = RecomputeExecutor(trimmer)
-    elif cfg.mode == "offload":
-        executor = OffloadAllExecutor(trimmer)
+    executor: LayerExecutor
+    if isinstance(cfg, ActivationPlan):
+        cfg.check_layer_count(lm.num_layers)
+        executor = _plan_executor(cfg, cfg.tiers(), lm, device)
     else:
-        engine = build_copy_engine(build_store(cfg.tier, cfg.file_dir), device)
-        params = parameter_storages(lm)
-        tokenwise = TokenwiseExecutor(engine, cfg.alpha, cfg.keep_last, params, trimmer)
-        if cfg.alpha == "auto":
-            tokenwise.alpha_resolver = lambda layers, x, ctx: auto_alpha(
-                layers, x, ctx, engine.store, params, cfg
-            )
-        executor = tokenwise
+        cfg = _as_config(cfg)
+        if cfg.plan is not None:
+            plan = load_plan(cfg, lm.num_layers)
+            executor = _plan_executor(plan, plan.tiers(), lm, device)
+        elif cfg.mode == "tokenwise":
+            # a uniform config opens its tier even when every layer is kept, so a bad
+            # activation.file_dir fails now, not on the day keep_last is lowered
+            executor = _plan_executor(ActivationPlan.from_config(cfg, lm.num_layers), [cfg.tier], lm, device)
+        else:
+            executor = _baseline(cfg, device)
     lm.layer_executor.close()  # the previous executor's copy threads and file-tier file
     lm.layer_executor = executor
     return lm
 
 
+def _baseline(cfg: ActivationConfig, device: torch.device) -> LayerExecutor:
+    """mode none / recompute / offload: the real torch mechanism for every layer. trim_heap=true
+    trims in every mode (one allocator policy for all); auto trims only the tokenwise file tier."""
+    trimmer = build_heap_trimmer(cfg.trim_heap, device.type, None)
+    if cfg.mode == "none":
+        return TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
+    if cfg.mode == "recompute":
+        return RecomputeExecutor(trimmer)
+    return OffloadAllExecutor(trimmer)
+
+
+def _plan_executor(
+    plan: ActivationPlan, tiers: list[str], lm: CausalLM, device: torch.device
+) -> TokenwiseExecutor:
+    """One store (behind the emulated link, if any) and copy engine per tier in ``tiers`` (those of
+    the plan's tokenwise layers at least); alpha="auto" layers resolved on the first step of every
+    length."""
+    # auto trims for the tokenwise file tier only. Built before the stores: it may raise.
+    trimmer = build_heap_trimmer(plan.trim_heap, device.type, "file" if "file" in tiers else None)
+    stores: dict[str, ActivationStore] = {}
+    try:
+        for tier in tiers:
+            stores[tier] = build_store(tier, plan.file_dir)
+            stores[tier] = emulate_link(stores[tier], plan.link_gbps, device)
+    except BaseException:
+        for store in stores.values():
+            store.close()
+        raise
+    engines = {tier: build_copy_engine(store, device) for tier, store in stores.items()}
+    params = parameter_storages(lm)
+    executor = TokenwiseExecutor(engines, plan, params, trimmer)
+    if any(layer.mode == "tokenwise" and layer.alpha == "auto" for layer in plan.layers):
+        executor.alpha_resolver = lambda layers, x, ctx: auto_alphas(plan, layers, x, ctx, stores, params)
+    return executor
+
+
 def activation_stats(model: CausalLM) -> dict[str, float]:
-    """Last step's statistics: host_bytes, file_bytes, device_peak_bytes, recomputed_rows, copy times..."""
+    """Last step's statistics: host_bytes, file_bytes, device_peak_bytes, recomputed_rows, copy
+    times, and per tokenwise layer i: layer{i}_{tier}_bytes, layer{i}_alpha, layer{i}_recomputed_rows."""
     base = {"host_bytes": 0, "file_bytes": 0, "device_peak_bytes": 0, "recomputed_rows": 0}
     return {**base, **model.layer_executor.stats()}

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longtrain.config_checks import check_fields, option
+from longtrain.config_checks import ConfigError, check_fields, option
 
 MODES = ("none", "recompute", "offload", "tokenwise")
 TIERS = ("host", "file")
+
+
+def check_tile_rows(key: str, tile_rows: int) -> None:
+    """Tiled row-wise compute is not built yet: only 0 (the whole sequence) runs."""
+    if tile_rows > 0:
+        raise ConfigError(
+            f"{key} > 0 is not implemented yet (tiled row-wise compute); use 0, the whole sequence"
+        )
 
 
 @dataclass
@@ -23,22 +31,39 @@ class ActivationConfig:
     tier: host (DRAM; pinned on CUDA) | file (a file-backed store under file_dir, so resident
         memory really falls on a CPU machine).
     keep_last: the last layers are never offloaded (their backward follows at once).
+    plan: a JSON file with one entry per decoder layer (mode keep / recompute / tokenwise, alpha,
+        tier, tile_rows; schema in docs/activation_memory.md), as the memory planner writes it.
+        When set, it decides every layer: mode, alpha, tier, keep_last and tile_rows are not read.
+    tile_rows: rows per tile of the row-wise parts; 0 = the whole sequence (the only value
+        implemented so far).
     file_dir: directory of the file tier (default: <output_dir>/activation_swap).
-    host_budget_bytes: cap on host/file-tier activation bytes for alpha="auto" (default: half of
-        the available memory).
+    host_budget_bytes: cap on each tier's activation bytes for alpha="auto" (default: half of the
+        available memory for the host tier, 90% of the free disk for the file tier).
     trim_heap: hand freed heap pages back to the OS at layer boundaries (glibc malloc_trim), so a
         CPU process's RSS follows the bytes it holds: every offloaded layer's in tokenwise mode,
         every layer's in the other modes. auto: on for the tokenwise file tier on a CPU device;
         true: on in every mode (see offload/heap.py).
+    link_gbps: an emulated device<->host link of this many GB/s (1e9 bytes/s) for the tokenwise
+        tiers on a CPU device, where device and host are the same memory: every copy takes at least
+        bytes / bandwidth (offload/link.py). null: no emulation (the real copy speed).
     """
 
     mode: str = option("none", choices=MODES)
     alpha: float | str = option("auto", min=0.0, max=1.0, choices=("auto",))
     tier: str = option("host", choices=TIERS)
     keep_last: int = option(2, min=0)
+    plan: str | None = option(None, nonempty=True)
+    tile_rows: int = option(0, min=0)
     file_dir: str | None = None
     host_budget_bytes: int | None = option(None, min=1)
     trim_heap: bool | str = option("auto", choices=("auto",))
+    link_gbps: float | None = option(None, min=0.0, min_open=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "activation")
+        check_tile_rows("activation.tile_rows", self.tile_rows)
+        if self.link_gbps is not None and self.mode != "tokenwise" and self.plan is None:
+            raise ConfigError(
+                f"activation.link_gbps emulates the link of the tokenwise tiers, but activation.mode={self.mode}; "
+                "set activation.mode=tokenwise (or activation.plan) or activation.link_gbps=null"
+            )

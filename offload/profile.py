@@ -7,8 +7,9 @@
   probe's key is released afterwards, so the store keeps none of its memory.
 
 ``resolve_alpha`` turns a profile into alpha with ``cost.tokenwise_alpha``; alpha="auto" runs both
-on the first step of every new length, and a benchmark can call ``measure`` directly to choose
-alpha and keep_last for a memory budget.
+(``auto_alphas``: per tier of a plan) on the first step of every new length, and a benchmark can
+call ``measure`` directly to choose alpha and keep_last for a memory budget. Behind an emulated
+link (``link.py``) the measured bandwidth is the link's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -26,9 +28,9 @@ from torch import Tensor
 from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 from longtrain.trainer.model.attention import DocSpans
 
-from .config import ActivationConfig
 from .copy_engine import ThreadCopyEngine
-from .cost import tokenwise_alpha
+from .cost import offloaded_bytes, tokenwise_alpha
+from .plan import ActivationPlan, LayerPlan
 from .store import ActivationStore, HostStore
 from .tokenwise import TokenwiseExecutor
 
@@ -53,7 +55,10 @@ def saved_bytes_per_token(
     probe_ctx = dataclasses.replace(
         ctx, cos_td=ctx.cos_td[:r], sin_td=ctx.sin_td[:r], docs=DocSpans.single(r)
     )
-    probe = TokenwiseExecutor(ThreadCopyEngine(HostStore(), torch.device("cpu")), 1.0, 0, param_storages)
+    engine = ThreadCopyEngine(HostStore(), torch.device("cpu"))
+    probe = TokenwiseExecutor(
+        {"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)), param_storages
+    )
     try:
         x = x_th[:r].detach().requires_grad_(x_th.is_floating_point())
         whole, rows = probe.layer_offload_bytes(parts, x, probe_ctx)
@@ -110,40 +115,66 @@ def measure(
     )
 
 
-def default_budget(cfg: ActivationConfig) -> int:
-    if cfg.host_budget_bytes is not None:
-        return cfg.host_budget_bytes
-    if cfg.tier == "file" and cfg.file_dir:
-        return int(0.9 * shutil.disk_usage(cfg.file_dir).free)
+def default_budget(host_budget_bytes: int | None, tier: str, file_dir: str | None) -> int:
+    """A tier's byte budget for alpha="auto": activation.host_budget_bytes, else half of the
+    available memory (host) or 90% of the free disk under file_dir (file)."""
+    if host_budget_bytes is not None:
+        return host_budget_bytes
+    if tier == "file" and file_dir:
+        return int(0.9 * shutil.disk_usage(file_dir).free)
     return int(0.5 * psutil.virtual_memory().available)
 
 
-def resolve_alpha(profile: LayerProfile, t: int, n_offloaded: int, cfg: ActivationConfig) -> float:
-    """alpha for ``t`` tokens and ``n_offloaded`` layers from a measured profile (``cost.tokenwise_alpha``)."""
+def resolve_alpha(profile: LayerProfile, t: int, n_offloaded: int, budget_bytes: int) -> float:
+    """alpha for ``t`` tokens and ``n_offloaded`` layers sharing ``budget_bytes`` of one tier, from a
+    measured profile (``cost.tokenwise_alpha``)."""
     alpha = tokenwise_alpha(
         int(profile.whole_bytes_per_token * t),
         int(profile.row_bytes_per_token * t),
         profile.layer_forward_s,
         profile.copy_bytes_per_s,
         n_offloaded,
-        default_budget(cfg),
+        budget_bytes,
     )
     # The executor cuts at split_row(alpha, t) <= round(alpha * t) rows; rounding up could overrun the
     # budget (and the copy time) by half a row per layer, so cut at a whole row count.
     return math.floor(alpha * t) / t
 
 
-def auto_alpha(
+def auto_alphas(
+    plan: ActivationPlan,
     layers: list[LayerParts],
     x_th: Tensor,
     ctx: LayerContext,
-    store: ActivationStore,
+    stores: Mapping[str, ActivationStore],
     param_storages: set[int],
-    cfg: ActivationConfig,
-) -> tuple[float, LayerProfile | None]:
-    """alpha="auto": measure, then resolve (1.0 and no profile when no layer is offloaded)."""
-    n_offloaded = max(0, len(layers) - cfg.keep_last)
-    if n_offloaded == 0:
-        return 1.0, None
-    profile = measure(layers, x_th, ctx, store, param_storages)
-    return resolve_alpha(profile, x_th.shape[0], n_offloaded, cfg), profile
+) -> tuple[list[float | str], dict[str, LayerProfile]]:
+    """alpha="auto" for every tokenwise layer of ``plan`` that asks for it: the layer is measured
+    once (on the first tier), the copy bandwidth once per tier. The auto layers of a tier share
+    what of its budget the tier's fixed-alpha layers leave. Returns (every layer's alpha, each
+    measured tier's profile)."""
+    t = x_th.shape[0]
+    alphas: list[float | str] = [layer.alpha for layer in plan.layers]
+    profiles: dict[str, LayerProfile] = {}
+    for tier in plan.tiers():
+        tokenwise = [
+            i for i, layer in enumerate(plan.layers) if layer.mode == "tokenwise" and layer.tier == tier
+        ]
+        auto = [i for i in tokenwise if alphas[i] == "auto"]
+        if not auto:
+            continue
+        if not profiles:
+            prof = measure(layers, x_th, ctx, stores[tier], param_storages)
+        else:  # the layer's bytes and time are the same on every tier; the link is not
+            first = next(iter(profiles.values()))
+            layer_bytes = int((first.whole_bytes_per_token + first.row_bytes_per_token) * t)
+            bandwidth = copy_bandwidth(stores[tier], layer_bytes, x_th.device)
+            prof = dataclasses.replace(first, copy_bytes_per_s=bandwidth)
+        profiles[tier] = prof
+        whole, rows = int(prof.whole_bytes_per_token * t), int(prof.row_bytes_per_token * t)
+        fixed = sum(offloaded_bytes(whole, rows, float(alphas[i]), t, 1) for i in tokenwise if i not in auto)
+        budget = default_budget(plan.host_budget_bytes, tier, plan.file_dir) - fixed
+        alpha = resolve_alpha(prof, t, len(auto), budget)
+        for i in auto:
+            alphas[i] = alpha
+    return alphas, profiles

@@ -21,7 +21,7 @@ from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 from .heap import HeapTrimmer
 
 
-def _checkpointed(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
+def checkpointed(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
     return checkpoint(run_layer, parts, x_th, ctx, use_reentrant=False)
 
 
@@ -64,7 +64,7 @@ class TrimmedPlainExecutor(_Baseline):
 class RecomputeExecutor(_Baseline):
     """Every layer is re-run in backward from its saved input (the recompute baseline)."""
 
-    run_one = staticmethod(_checkpointed)
+    run_one = staticmethod(checkpointed)
 
 
 class OffloadAllExecutor(_Baseline):

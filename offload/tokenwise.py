@@ -1,6 +1,8 @@
-"""Token-wise activation swap/recompute (MEMO) as a layer executor.
+"""Token-wise activation swap/recompute (MEMO) as the layer executor of an ``ActivationPlan``.
 
-For every offloaded layer (all but the last ``keep_last``), autograd runs as usual but each tensor
+The plan (``plan.py``) gives every layer a mode: ``keep`` (plain autograd, with the saved bytes
+counted), ``recompute`` (torch.utils.checkpoint) or ``tokenwise`` with its own alpha and tier (one
+store and copy engine per tier). For every tokenwise layer, autograd runs as usual but each tensor
 it saves for backward passes through ``torch.autograd.graph.saved_tensors_hooks``:
 
     parameters (and their autocast casts), RoPE tables   kept by reference (resident anyway)
@@ -23,17 +25,16 @@ capturing hook: the same op sequence on fewer rows saves the same tensors in the
 each holding exactly the missing rows. Attention is never recomputed; q, k, v tail rows come
 from the pre-attention rerun. A count or shape mismatch raises (never silently wrong gradients).
 
-Schedule: offloads of layer i run on the d2h queue while later layers compute; layer i+2 waits
-for layer i's copies (two buffers in flight). In backward, layer i is prefetched when layer i+1's
-backward starts (i.e. when layer i+2's backward has ended).
+Schedule: offloads of tokenwise layer i run on its tier's d2h queue while later layers compute;
+layer i waits for the copies of every tokenwise layer up to i-2 (two layers in flight). In
+backward, the next tokenwise layer below is prefetched when a tokenwise layer's rebuild starts,
+and the last tokenwise layer as soon as the forward ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -41,138 +42,85 @@ from torch import Tensor
 
 from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 
-from .copy_engine import Copy
 from .cost import split_row
 from .heap import HeapTrimmer
+from .plan import ActivationPlan
+from .recompute import checkpointed
+from .records import (
+    Handle,
+    LayerRecord,
+    Slot,
+    Whole,
+    is_param_like,
+    nbytes_of,
+    parameter_storages,
+    step_stats,
+    storage_key,
+    view_key,
+)
 
 if TYPE_CHECKING:
     from .profile import LayerProfile
 
+__all__ = ["TokenwiseExecutor", "parameter_storages"]
 
-def _storage_key(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def parameter_storages(model: torch.nn.Module) -> set[int]:
-    """Storage keys of ``model``'s parameters: a saved tensor in one of them is never an activation."""
-    return {_storage_key(p) for p in model.parameters()}
-
-
-def _view_key(t: Tensor) -> tuple:
-    return (_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def _is_param_like(t: Tensor, param_storages: set[int]) -> bool:
-    """A parameter, or an autocast cast of one (ToCopyBackward straight from an AccumulateGrad), or a
-    view of such a cast (under autocast ``linear`` saves ``weight_cast.t()``, a TBackward0 view)."""
-    if _storage_key(t) in param_storages:
-        return True
-    fn = (t._base if t._base is not None else t).grad_fn
-    if fn is not None and type(fn).__name__ == "ToCopyBackward0":
-        nxt = fn.next_functions
-        if len(nxt) == 1 and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad":
-            # .variable: the AccumulateGrad node's parameter (torch's Node stub does not declare it)
-            return _storage_key(cast(Any, nxt[0][0]).variable) in param_storages
-    return False
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class _Handle:
-    """What autograd holds instead of a saved tensor; weakly tracked to detect pending graphs."""
-
-    __slots__ = ("vkey", "__weakref__")
-
-    def __init__(self, vkey: tuple):
-        self.vkey = vkey
-
-
-@dataclass
-class _Slot:
-    """One saved tensor of an offloaded layer."""
-
-    kind: str  # "keep" | "view" | "whole" | "rows" | "pending" (saved by the core, classified after it)
-    tensor: Tensor | None = None  # keep: the tensor itself
-    whole: int = -1  # view, whole: index of the whole tensor
-    size: tuple = ()
-    stride: tuple = ()
-    offset: int = 0
-    row: int = -1  # rows: index among the layer's row slots
-    refs: int = 0  # unpacks still to come
-
-
-@dataclass
-class _Whole:
-    key: tuple
-    base_offset: int
-    numel: int
-    requires_grad: bool  # as in forward: the rerun must save what the forward saved (frozen embeddings)
-    copy: Copy | None = None
-    value: Tensor | None = None
-
-
-@dataclass
-class _LayerRecord:
-    index: int
-    t: int
-    a: int
-    autocast: tuple
-    wholes: list[_Whole] = field(default_factory=list)
-    whole_by_storage: dict[int, int] = field(default_factory=dict)
-    slots: dict[tuple, _Slot] = field(default_factory=dict)
-    row_shapes: list[tuple] = field(default_factory=list)
-    row_copies: list[Copy | None] = field(default_factory=list)  # forward: head-row offloads
-    head_fetch: list[Copy | None] = field(default_factory=list)  # backward: head-row reads
-    full_rows: list[Tensor | None] = field(default_factory=list)  # backward: reassembled tensors
-    x_whole: int = -1  # index in wholes of the layer input
-    out_whole: int = -1  # index in wholes of the attention output
-    qkv_rows: dict[str, int] = field(default_factory=dict)  # "q"/"k"/"v" -> row slot, where the core saved it
-    core_saves: list[tuple[tuple, Tensor]] = field(default_factory=list)  # (view key, tensor) to classify
-    segments: dict[str, list[int]] = field(default_factory=dict)  # row slot indices of pre / post
-    whole_bytes: int = 0  # bytes sent to the store: whole tensors
-    row_bytes: int = 0  # bytes sent to the store: head rows
-    alive: list[Tensor] = field(default_factory=list)  # packed tensors kept alive during the layer's forward
-    staged_bytes: int = 0  # device bytes held until this layer's offloads complete
-    resident_bytes: int = 0  # device bytes of fetched/rebuilt tensors during its backward
-    pending_refs: int = 0
-    handles: weakref.WeakSet = field(default_factory=weakref.WeakSet)
-    prefetched: bool = False
-    rebuilt: bool = False
+# alpha="auto": measures the layer and each tier's link at a new length ->
+# (every layer's alpha, each tier's measurement)
+AlphaResolver = Callable[
+    [list[LayerParts], Tensor, LayerContext], tuple[list[float | str], dict[str, "LayerProfile"]]
+]
 
 
 class TokenwiseExecutor:
-    """Runs the decoder layers with token-wise swap/recompute (see the module docstring)."""
+    """Runs the decoder layers as ``plan`` says (see the module docstring); ``engines``: the copy
+    engine of every tier the plan's tokenwise layers use."""
 
     def __init__(
         self,
-        engine,
-        alpha: float | str,
-        keep_last: int,
+        engines: Mapping[str, Any],
+        plan: ActivationPlan,
         param_storages: set[int],
         trim_heap: HeapTrimmer | None = None,
     ):
-        self.engine = engine
+        missing = set(plan.tiers()) - set(engines)
+        if missing:
+            raise ValueError(f"no copy engine for the plan's tier(s) {sorted(missing)}")
+        self.engines = dict(engines)
+        self.plan = plan
         self.trim_heap = trim_heap or HeapTrimmer(False)
-        self.alpha = alpha  # "auto" until alpha_resolver measured it on the first step
-        # alpha="auto": measures the layer and the link at a new length -> (alpha, the measurement)
-        self.alpha_resolver: (
-            Callable[[list[LayerParts], Tensor, LayerContext], tuple[float, LayerProfile | None]] | None
-        ) = None
-        self.profile: LayerProfile | None = None  # what alpha_resolver last measured
-        self.keep_last = keep_last
+        self.alphas: list[float | str] = [layer.alpha for layer in plan.layers]  # "auto" until resolved
+        self.alpha_resolver: AlphaResolver | None = None
+        self.profiles: dict[str, LayerProfile] = {}  # what alpha_resolver last measured, per tier
         self.param_storages = param_storages
-        self.records: dict[int, _LayerRecord] = {}
+        self.records: dict[int, LayerRecord] = {}
         self._layers: list[LayerParts] = []
         self._ctx: LayerContext | None = None
         self._stats: dict[str, Any] = {}
         self._device_bytes = 0
         self._device_peak = 0
-        self._store_bytes = 0  # bytes submitted to the store this step (its size once the copies land)
+        self._step = 0  # forwards run: a recompute layer's hook frees its input only in its own step
         self._kept_refs: dict[int, int] = {}  # kept layers: saved storage -> packs not yet unpacked
         self._kept_shared: set[int] = set()  # RoPE tables of this step (shared by all layers)
         self._alpha_t = -1
+
+    @property
+    def engine(self) -> Any:
+        """The copy engine of the first tier (the only one of a uniform config)."""
+        if not self.engines:
+            raise AttributeError("this plan has no tokenwise layer, so no copy engine")
+        return next(iter(self.engines.values()))
+
+    @property
+    def alpha(self) -> float | str | None:
+        """The alpha all tokenwise layers share ("auto" until resolved); None if they differ or there
+        are none."""
+        values = {self.alphas[i] for i, layer in enumerate(self.plan.layers) if layer.mode == "tokenwise"}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def profile(self) -> LayerProfile | None:
+        """The measurement of the first tier alpha="auto" measured."""
+        return next(iter(self.profiles.values()), None)
 
     # ---------------------------------------------------------------- accounting
     def _device_add(self, n: int) -> None:
@@ -183,20 +131,25 @@ class TokenwiseExecutor:
         self._device_bytes -= n
 
     def stats(self) -> dict[str, float]:
-        """Statistics of the last step (logged to metrics.jsonl by the trainer)."""
-        timer = self.engine.timer
-        exposed = min(timer.exposed_s, timer.copy_s)
-        return {
+        """Statistics of the last step (logged to metrics.jsonl by the trainer): totals, then
+        ``layer{i}_{tier}_bytes``, ``layer{i}_alpha`` and ``layer{i}_recomputed_rows`` for every
+        tokenwise layer i."""
+        copy_s = sum(e.timer.copy_s for e in self.engines.values())
+        exposed_s = sum(e.timer.exposed_s for e in self.engines.values())
+        stats: dict[str, float] = {
+            "host_bytes": 0,
+            "file_bytes": 0,
             **self._stats,
-            "host_bytes": self._stats.get("host_bytes", 0),
-            "file_bytes": self._stats.get("file_bytes", 0),
             "device_peak_bytes": self._device_peak,
-            "copy_s": timer.copy_s,
-            "copy_exposed_s": timer.exposed_s,
-            "copy_hidden_s": timer.copy_s - exposed,
+            "copy_s": copy_s,
+            "copy_exposed_s": exposed_s,
+            "copy_hidden_s": copy_s - min(exposed_s, copy_s),
             "heap_trims": self.trim_heap.calls,
             "heap_trim_s": self.trim_heap.seconds,
         }
+        if self.plan.link_gbps is not None:
+            stats["link_emulated_gbps"] = self.plan.link_gbps
+        return stats
 
     # ---------------------------------------------------------------- forward
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
@@ -204,45 +157,52 @@ class TokenwiseExecutor:
             for parts in layers:
                 x_th = run_layer(parts, x_th, ctx)
             return x_th
+        self.plan.check_layer_count(len(layers))
         self._release_step()
         self._layers, self._ctx = layers, ctx
-        n_offloaded = max(0, len(layers) - self.keep_last)
         t = x_th.shape[0]
-        if self.alpha_resolver is not None and (self.alpha == "auto" or self._alpha_t != t):
-            (self.alpha, self.profile), self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
-        a = split_row(cast(float, self.alpha), t)  # "auto" was resolved just above
-        self._kept_shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
-        for parts in layers:
-            if parts.index < n_offloaded:
-                self._wait_offloads(parts.index - 2)  # layer i reuses layer i-2's buffer
-                if parts.index >= 2:
+        if self.alpha_resolver is not None and self._alpha_t != t:
+            (self.alphas, self.profiles), self._alpha_t = self.alpha_resolver(layers, x_th, ctx), t
+        self._kept_shared = {storage_key(ctx.cos_td), storage_key(ctx.sin_td)}
+        for parts, layer in zip(layers, self.plan.layers, strict=True):
+            i = parts.index
+            if layer.mode == "tokenwise":
+                for j in [j for j in self.records if j <= i - 2]:
+                    self._wait_offloads(j)  # layer i reuses layer i-2's buffer
+                if i >= 2:
                     self.trim_heap()  # layer i-2's saved tensors are free now
-                x_th = self._forward_offloaded(parts, x_th, ctx, t, a)
+                a = split_row(float(self.alphas[i]), t)  # "auto" was resolved above
+                x_th = self._forward_offloaded(parts, x_th, ctx, t, a, self.engines[layer.tier])
+            elif layer.mode == "recompute":
+                x_th = self._forward_recomputed(parts, x_th, ctx)
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
                     x_th = run_layer(parts, x_th, ctx)
-        # Counted at submission: the copy threads may still be filling the store here, so reading
-        # store.nbytes() would race with the last offloaded layers' copies.
-        store_bytes = self._store_bytes
-        tier_key = "file_bytes" if self.engine.store.tier == "file" else "host_bytes"
-        self._stats = {
-            "host_bytes": 0,
-            "file_bytes": 0,
-            tier_key: store_bytes,
-            "offloaded_layers": n_offloaded,
-            "offload_rows_per_layer": a,
-            "recomputed_rows": (t - a) * n_offloaded,
-            "alpha": self.alpha,
-        }
-        if n_offloaded:  # the last offloaded layer's backward follows the kept layers'
-            self._prefetch(n_offloaded - 1)
+        self._stats = step_stats(self.plan, self.alphas, self.records, t)
+        if self.records:  # the last tokenwise layer's backward follows the layers above it
+            self._prefetch(max(self.records))
         return x_th
+
+    def _forward_recomputed(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
+        """torch.utils.checkpoint: only the layer input is held (counted until the layer's backward
+        begins); the layer is re-run in backward."""
+        y_th = checkpointed(parts, x_th, ctx)
+        held, step = nbytes_of(x_th), self._step
+        self._device_add(held)
+        if y_th.requires_grad:
+
+            def release(grad: Tensor) -> None:
+                if self._step == step:  # not a graph of an earlier step
+                    self._device_sub(held)
+
+            y_th.register_hook(release)
+        return y_th
 
     def _pack_kept(self, tensor: Tensor) -> tuple[Tensor, int | None]:
         """Kept layers: count each saved storage once (a tensor saved by several ops, e.g. the norm
         output read by q, k and v, is held once); parameters and the RoPE tables are resident anyway."""
-        key = _storage_key(tensor)
-        if key in self._kept_shared or _is_param_like(tensor, self.param_storages):
+        key = storage_key(tensor)
+        if key in self._kept_shared or is_param_like(tensor, self.param_storages):
             return tensor, None
         if key not in self._kept_refs:
             self._device_add(tensor.untyped_storage().nbytes())
@@ -262,14 +222,14 @@ class TokenwiseExecutor:
         return tensor
 
     def _forward_offloaded(
-        self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, t: int, a: int
+        self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, t: int, a: int, engine: Any
     ) -> Tensor:
         dev = x_th.device.type
-        rec = _LayerRecord(
-            parts.index, t, a, (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
+        rec = LayerRecord(
+            parts.index, t, a, (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev), engine
         )
         self.records[parts.index] = rec
-        shared = {_storage_key(ctx.cos_td), _storage_key(ctx.sin_td)}
+        shared = {storage_key(ctx.cos_td), storage_key(ctx.sin_td)}
         rec.x_whole = self._add_whole(rec, x_th)
 
         def pack(segment: str):
@@ -293,34 +253,35 @@ class TokenwiseExecutor:
         rec.alive.clear()
         return y_th
 
-    def layer_offload_bytes(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> tuple[int, int]:
-        """(whole, rows): the bytes one offloaded forward of ``parts`` on ``x_th`` sends to the store
-        at this executor's alpha, split into whole tensors and the head rows of the row tensors.
+    def layer_offload_bytes(
+        self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, alpha: float = 1.0
+    ) -> tuple[int, int]:
+        """(whole, rows): the bytes one tokenwise forward of ``parts`` on ``x_th`` at ``alpha`` sends
+        to the first tier's store, split into whole tensors and the head rows of the row tensors.
         The forward's graph is dropped (a probe for ``profile.measure``)."""
         t = x_th.shape[0]
         with torch.enable_grad():
-            self._forward_offloaded(parts, x_th, ctx, t, split_row(float(self.alpha), t))
+            self._forward_offloaded(parts, x_th, ctx, t, split_row(alpha, t), self.engine)
         self._wait_offloads(parts.index)
         rec = self.records.pop(parts.index)
         return rec.whole_bytes, rec.row_bytes
 
-    def _add_whole(self, rec: _LayerRecord, tensor: Tensor) -> int:
+    def _add_whole(self, rec: LayerRecord, tensor: Tensor) -> int:
         idx = len(rec.wholes)
         key = (rec.index, "whole", idx)
         offset = cast(int, tensor.storage_offset())  # a SymInt only under symbolic tracing
-        whole = _Whole(key=key, base_offset=offset, numel=tensor.numel(), requires_grad=tensor.requires_grad)
-        whole.copy = self.engine.offload(key, tensor.detach(), rec.index)
-        self._store_bytes += _nbytes(tensor)
-        rec.whole_bytes += _nbytes(tensor)
-        rec.staged_bytes += _nbytes(tensor)
-        self._device_add(_nbytes(tensor))
+        whole = Whole(key=key, base_offset=offset, numel=tensor.numel(), requires_grad=tensor.requires_grad)
+        whole.copy = rec.engine.offload(key, tensor.detach(), rec.index)
+        rec.whole_bytes += nbytes_of(tensor)
+        rec.staged_bytes += nbytes_of(tensor)
+        self._device_add(nbytes_of(tensor))
         rec.wholes.append(whole)
         if tensor.is_contiguous():  # its storage region is [offset, offset + numel): views map into it
-            rec.whole_by_storage.setdefault(_storage_key(tensor), idx)
+            rec.whole_by_storage.setdefault(storage_key(tensor), idx)
         return idx
 
-    def _pack(self, rec: _LayerRecord, segment: str, tensor: Tensor, shared: set[int]) -> _Handle:
-        vkey = _view_key(tensor)
+    def _pack(self, rec: LayerRecord, segment: str, tensor: Tensor, shared: set[int]) -> Handle:
+        vkey = view_key(tensor)
         slot = rec.slots.get(vkey)
         if slot is None:
             rec.alive.append(tensor.detach())  # detached: no path back into the graph (see _recompute_tails)
@@ -328,32 +289,32 @@ class TokenwiseExecutor:
             rec.slots[vkey] = slot
         slot.refs += 1
         rec.pending_refs += 1
-        handle = _Handle(vkey)
+        handle = Handle(vkey)
         rec.handles.add(handle)
         return handle
 
     def _classify(
-        self, rec: _LayerRecord, segment: str, vkey: tuple, tensor: Tensor, shared: set[int]
-    ) -> _Slot:
-        if _storage_key(tensor) in shared or _is_param_like(tensor, self.param_storages):
-            return _Slot("keep", tensor=tensor)
+        self, rec: LayerRecord, segment: str, vkey: tuple, tensor: Tensor, shared: set[int]
+    ) -> Slot:
+        if storage_key(tensor) in shared or is_param_like(tensor, self.param_storages):
+            return Slot("keep", tensor=tensor)
         if segment == "attn":  # classified once the core has returned out and lse
             rec.core_saves.append((vkey, tensor.detach()))
-            return _Slot("pending")
+            return Slot("pending")
         view = self._view_slot(rec, tensor)
         if view is not None:
             return view
         if tensor.dim() >= 1 and tensor.shape[0] == rec.t:
             return self._row_slot(rec, segment, tensor)
-        rec.resident_bytes += _nbytes(tensor)
-        self._device_add(_nbytes(tensor))
-        return _Slot("keep", tensor=tensor.detach())  # detached: see _pack_kept
+        rec.resident_bytes += nbytes_of(tensor)
+        self._device_add(nbytes_of(tensor))
+        return Slot("keep", tensor=tensor.detach())  # detached: see _pack_kept
 
-    def _classify_core_saves(self, rec: _LayerRecord, qkv: dict[str, Tensor]) -> None:
+    def _classify_core_saves(self, rec: LayerRecord, qkv: dict[str, Tensor]) -> None:
         """What the attention core saved: q, k, v (the tensors the executor passed in) are row
         tensors rebuilt by the pre-attention rerun; views of out and lse map into their whole
         copies; anything else is offloaded whole (attention is never recomputed)."""
-        names = {_view_key(tensor): name for name, tensor in qkv.items()}
+        names = {view_key(tensor): name for name, tensor in qkv.items()}
         for vkey, tensor in rec.core_saves:
             name = names.get(vkey)
             if name is not None and tensor.shape[0] == rec.t:
@@ -361,14 +322,14 @@ class TokenwiseExecutor:
                 rec.qkv_rows[name] = slot.row
             else:
                 view = self._view_slot(rec, tensor)
-                slot = view if view is not None else _Slot("whole", whole=self._add_whole(rec, tensor))
+                slot = view if view is not None else Slot("whole", whole=self._add_whole(rec, tensor))
             slot.refs = rec.slots[vkey].refs
             rec.slots[vkey] = slot
         rec.core_saves.clear()
 
-    def _view_slot(self, rec: _LayerRecord, tensor: Tensor) -> _Slot | None:
+    def _view_slot(self, rec: LayerRecord, tensor: Tensor) -> Slot | None:
         """A view of a whole tensor's storage region, or None."""
-        idx = rec.whole_by_storage.get(_storage_key(tensor))
+        idx = rec.whole_by_storage.get(storage_key(tensor))
         if idx is None:
             return None
         offset = cast(int, tensor.storage_offset()) - rec.wholes[idx].base_offset
@@ -377,11 +338,9 @@ class TokenwiseExecutor:
         )
         if offset < 0 or (tensor.numel() and last >= rec.wholes[idx].numel):
             return None  # shares the storage but reaches outside the whole tensor
-        return _Slot(
-            "view", whole=idx, size=tuple(tensor.shape), stride=tuple(tensor.stride()), offset=offset
-        )
+        return Slot("view", whole=idx, size=tuple(tensor.shape), stride=tuple(tensor.stride()), offset=offset)
 
-    def _row_slot(self, rec: _LayerRecord, segment: str, tensor: Tensor) -> _Slot:
+    def _row_slot(self, rec: LayerRecord, segment: str, tensor: Tensor) -> Slot:
         """A tensor of t token rows: its first a rows offloaded, the rest recomputed in backward."""
         row = len(rec.row_shapes)
         rec.row_shapes.append(tuple(tensor.shape))
@@ -389,14 +348,13 @@ class TokenwiseExecutor:
             rec.segments.setdefault(segment, []).append(row)
         head = tensor.detach()[: rec.a]
         rec.row_copies.append(
-            self.engine.offload((rec.index, "rows", row), head, rec.index) if rec.a else None
+            rec.engine.offload((rec.index, "rows", row), head, rec.index) if rec.a else None
         )
         if rec.a:  # the original stays referenced until its head rows are copied
-            self._store_bytes += _nbytes(head)
-            rec.row_bytes += _nbytes(head)
-            rec.staged_bytes += _nbytes(tensor)
-            self._device_add(_nbytes(tensor))
-        return _Slot("rows", row=row)
+            rec.row_bytes += nbytes_of(head)
+            rec.staged_bytes += nbytes_of(tensor)
+            self._device_add(nbytes_of(tensor))
+        return Slot("rows", row=row)
 
     def _wait_offloads(self, index: int) -> None:
         rec = self.records.get(index)
@@ -404,7 +362,7 @@ class TokenwiseExecutor:
             return
         for c in [w.copy for w in rec.wholes] + rec.row_copies:
             if c is not None:
-                self.engine.wait(c)
+                rec.engine.wait(c)
         for w in rec.wholes:
             w.copy = None
         rec.row_copies = [None] * len(rec.row_copies)
@@ -419,15 +377,21 @@ class TokenwiseExecutor:
         self._wait_offloads(index)
         rec.prefetched = True
         for w in rec.wholes:
-            w.copy = self.engine.fetch(w.key)
+            w.copy = rec.engine.fetch(w.key)
         rec.head_fetch = [
-            self.engine.fetch((index, "rows", r)) if rec.a else None for r in range(len(rec.row_shapes))
+            rec.engine.fetch((index, "rows", r)) if rec.a else None for r in range(len(rec.row_shapes))
         ]
 
-    def _unpack(self, rec: _LayerRecord, handle: _Handle) -> Tensor:
+    def _prefetch_below(self, index: int) -> None:
+        """Start fetching the next tokenwise layer below ``index`` (the next one backward reaches)."""
+        below = [j for j in self.records if j < index]
+        if below:
+            self._prefetch(max(below))
+
+    def _unpack(self, rec: LayerRecord, handle: Handle) -> Tensor:
         vkey = handle.vkey
         if not rec.rebuilt:
-            self._prefetch(rec.index - 1)  # layer i+1's backward has ended: start fetching layer i-1
+            self._prefetch_below(rec.index)  # the layer above has finished its backward
             self._rebuild(rec)
         slot = rec.slots[vkey]
         if slot.kind == "keep":
@@ -446,7 +410,7 @@ class TokenwiseExecutor:
         slot.refs -= 1
         rec.pending_refs -= 1
         if slot.refs == 0 and slot.kind == "rows":
-            self._device_sub(_nbytes(value))
+            self._device_sub(nbytes_of(value))
             rec.full_rows[slot.row] = None
         if rec.pending_refs == 0:  # this layer's backward has unpacked everything: free it
             self._device_sub(rec.resident_bytes)
@@ -456,16 +420,16 @@ class TokenwiseExecutor:
             rec.slots.clear()
         return value
 
-    def _rebuild(self, rec: _LayerRecord) -> None:
+    def _rebuild(self, rec: LayerRecord) -> None:
         """Fetch the offloaded rows and whole tensors; recompute rows [a, t) of every row slot."""
         self.trim_heap()  # the layer above has finished its backward and freed its tensors
         self._prefetch(rec.index)
         for w in rec.wholes:
-            w.value = self.engine.wait(w.copy)
+            w.value = rec.engine.wait(w.copy)
             w.copy = None
-            rec.resident_bytes += _nbytes(w.value)
-            self._device_add(_nbytes(w.value))
-        heads = [self.engine.wait(c) if c is not None else None for c in rec.head_fetch]
+            rec.resident_bytes += nbytes_of(w.value)
+            self._device_add(nbytes_of(w.value))
+        heads = [rec.engine.wait(c) if c is not None else None for c in rec.head_fetch]
         rec.head_fetch = []
         tails = self._recompute_tails(rec)
         rec.full_rows = []
@@ -477,11 +441,11 @@ class TokenwiseExecutor:
                     f"token-wise rebuild of layer {rec.index} row slot {row} gave {tuple(full.shape)}, "
                     f"expected {shape}"
                 )
-            self._device_add(_nbytes(full))
+            self._device_add(nbytes_of(full))
             rec.full_rows.append(full)
         rec.rebuilt = True
 
-    def _recompute_tails(self, rec: _LayerRecord) -> list[Tensor | None]:
+    def _recompute_tails(self, rec: LayerRecord) -> list[Tensor | None]:
         n_rows = len(rec.row_shapes)
         if rec.a >= rec.t:
             return [None] * n_rows
@@ -494,21 +458,21 @@ class TokenwiseExecutor:
         captured: dict[str, list[Tensor]] = {"pre": [], "post": []}
         alive: list[Tensor] = []  # as in forward: no freed-and-reused memory may alias a seen tensor
         shared = {
-            _storage_key(ctx.cos_td),
-            _storage_key(ctx.sin_td),
-            _storage_key(x_tail),
-            _storage_key(out_tail),
+            storage_key(ctx.cos_td),
+            storage_key(ctx.sin_td),
+            storage_key(x_tail),
+            storage_key(out_tail),
         }
 
         def capture(segment: str):
             seen: set[tuple] = set()
 
             def hook(tensor: Tensor):
-                vkey = _view_key(tensor)
+                vkey = view_key(tensor)
                 if (
                     vkey in seen
-                    or _storage_key(tensor) in shared
-                    or _is_param_like(tensor, self.param_storages)
+                    or storage_key(tensor) in shared
+                    or is_param_like(tensor, self.param_storages)
                 ):
                     return None
                 seen.add(vkey)
@@ -557,12 +521,13 @@ class TokenwiseExecutor:
         for index in list(self.records):
             self._wait_offloads(index)
         self.records.clear()
-        self.engine.store.release_all()
-        self.engine.timer.reset()
+        for engine in self.engines.values():
+            engine.store.release_all()
+            engine.timer.reset()
+        self._step += 1
         self.trim_heap.reset()
         self._device_bytes = 0
         self._device_peak = 0
-        self._store_bytes = 0
         self._kept_refs = {}
 
     def close(self) -> None:
@@ -570,5 +535,6 @@ class TokenwiseExecutor:
         for index in list(self.records):
             self._wait_offloads(index)
         self.records.clear()
-        self.engine.close()
-        self.engine.store.close()
+        for engine in self.engines.values():
+            engine.close()
+            engine.store.close()

@@ -10,12 +10,14 @@ them with a plan.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from longtrain.offload.cost import offloaded_bytes
+from longtrain.offload.plan import load_plan
 from longtrain.trainer.data import Tokenizer, load_tokenizer
 from longtrain.trainer.data.sources import resolve_data_files
 
@@ -112,6 +114,10 @@ def format_bytes(n: int) -> str:
 
 def _activation_line(cfg: JobConfig, c: Any) -> str:
     act = cfg.activation
+    if act.plan is not None:  # read and checked here too, so a bad plan file fails the dry run
+        modes = Counter(layer.mode for layer in load_plan(act, c.num_hidden_layers).layers)
+        per_mode = ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items()))
+        return f"activations held for backward: per-layer plan activation.plan={act.plan} ({per_mode}; not estimated)"
     figures = activation_bytes(cfg, c)
     low, high = figures.offloaded
     device = f"device {format_bytes(figures.device)}"
