@@ -10,6 +10,7 @@ than its bounce buffer, and fail loudly on a short write.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import threading
 
@@ -22,11 +23,17 @@ from longtrain.offload.memory import HOST_BUFFERS, DeviceBytesCounter, host_empt
 MiB = 2**20
 
 needs_mallinfo = pytest.mark.skipif(memory._MALLINFO2 is None, reason="needs glibc mallinfo2")
+# The count is process-wide: another thread (left by an earlier test, e.g. a progress bar's monitor)
+# may free a few KiB inside a counted block, so expected sizes are met within this slack.
+SLACK = 64 * 2**10
 
 
 @pytest.fixture(autouse=True)
 def _warm_dispatch():
-    """The first op under a dispatch mode in a process allocates ~24 MiB once (torch's lazy set-up)."""
+    """The first op under a dispatch mode in a process allocates ~24 MiB once (torch's lazy set-up).
+    Garbage left by earlier tests is collected first: freed inside a counted block, it would lower
+    the live bytes below the block's starting point and hide what the test allocates."""
+    gc.collect()
     if memory._MALLINFO2 is not None:
         with DeviceBytesCounter("cpu"):
             torch.ones(4)
@@ -38,7 +45,7 @@ def test_counter_sees_a_tensor_made_in_the_block():
         x = torch.ones(8 * MiB // 4)  # 8 MiB, one op
         del x
         y = torch.zeros(2 * MiB // 4)
-    assert 8 * MiB <= counter.peak_bytes < 8 * MiB + MiB  # the 8 MiB peak, not the 2 MiB left
+    assert 8 * MiB - SLACK <= counter.peak_bytes < 8 * MiB + MiB  # the 8 MiB peak, not the 2 MiB left
     assert counter.samples >= 2
     del y
 
@@ -52,7 +59,7 @@ def test_counter_sees_memory_allocated_by_another_thread():
         t.start()
         t.join()
         torch.ones(4)  # any op on the compute thread samples
-    assert counter.peak_bytes >= 16 * MiB
+    assert counter.peak_bytes >= 16 * MiB - SLACK
     held.clear()
 
 
@@ -139,7 +146,7 @@ def test_counter_counts_a_host_buffer_lent_to_compute():
     with DeviceBytesCounter("cpu") as held:
         lent = hs.read(("x",), torch.device("cpu"))
         lent.sum()
-    assert held.peak_bytes >= 4 * MiB
+    assert held.peak_bytes >= 4 * MiB - SLACK
     del lent
     with DeviceBytesCounter("cpu") as dropped:
         torch.ones(4)
