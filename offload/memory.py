@@ -35,6 +35,18 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def _aligned_total(nbytes: int, align: int) -> int:
+    return nbytes + (align if align > 1 else 0)
+
+
+def aligned_empty(nbytes: int, *, align: int = 1, pin: bool = False) -> Tensor:
+    """An (unregistered) uint8 tensor of ``nbytes`` whose first byte is ``align``-aligned: a view into
+    an allocation ``align`` bytes larger."""
+    raw = torch.empty(_aligned_total(nbytes, align), dtype=torch.uint8, pin_memory=pin)
+    start = -raw.data_ptr() % align if align > 1 else 0
+    return raw[start : start + nbytes]
+
+
 class HostBuffers:
     """Host-tier buffers of this process: bytes that are not device memory even when the device is the
     CPU. The activation stores allocate theirs through ``host_empty``; a buffer leaves the count when
@@ -50,20 +62,17 @@ class HostBuffers:
 
     def allocate(self, nbytes: int, pin: bool = False, align: int = 1) -> Tensor:
         """A uint8 buffer of ``nbytes`` (first byte ``align``-aligned). It is counted before the
-        allocation, so a sample taken between the two never sees it as device bytes, and until the
-        returned tensor is garbage collected (a view keeps its base's storage alive)."""
-        total = nbytes + (align if align > 1 else 0)
+        allocation, so a sample taken between the two never sees it as device bytes, and until its
+        storage is freed (a view keeps its base's storage alive)."""
+        total = _aligned_total(nbytes, align)
         self._add(total)
         try:
-            raw = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+            buffer = aligned_empty(nbytes, align=align, pin=pin)
         except BaseException:
             self._add(-total)
             raise
-        start = -raw.data_ptr() % align if align > 1 else 0
-        buffer = raw[start : start + nbytes]
-        weakref.finalize(
-            buffer.untyped_storage(), self._add, -total
-        )  # storage objects live as long as their memory
+        # storage objects live as long as their memory
+        weakref.finalize(buffer.untyped_storage(), self._add, -total)
         return buffer
 
     def lend(self, buffer: Tensor) -> Tensor:

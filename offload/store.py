@@ -30,7 +30,7 @@ from .direct_io import (
     pread_exact,
     pwrite_exact,
 )
-from .memory import HOST_BUFFERS, host_empty
+from .memory import HOST_BUFFERS, aligned_empty, host_empty
 
 # Writes go through a bounce buffer of BOUNCE_BYTES (a multiple of ALIGN, so every chunk but the
 # last is whole blocks). File regions start on ALIGN boundaries (direct_io.py has the O_DIRECT rules).
@@ -106,14 +106,6 @@ class HostStore:
     def close(self) -> None:
         self._buffers.clear()
         self._live.clear()
-
-
-def _aligned_device_empty(nbytes: int) -> Tensor:
-    """A uint8 tensor of ``nbytes`` whose first byte is ALIGN-aligned, handed to compute as a read
-    result (device bytes on a CPU device), so it is not registered as host memory."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    start = -raw.data_ptr() % ALIGN
-    return raw[start : start + nbytes]
 
 
 class FileStore:
@@ -200,7 +192,8 @@ class FileStore:
             self._pread(bytes_of(out), offset)
             return out if device.type == "cpu" else out.to(device, non_blocking=non_blocking)
         if device.type == "cpu":  # straight into the tensor compute will use
-            raw = _aligned_device_empty(padded(nbytes))
+            # device memory on a CPU device: not a registered host buffer
+            raw = aligned_empty(padded(nbytes), align=ALIGN)
             self._pread(bytes_of(raw), offset)
             return raw[:nbytes].view(dtype).view(shape)
         out_flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
