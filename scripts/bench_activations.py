@@ -559,29 +559,30 @@ def report(timing: dict, search: dict, args) -> dict:
     }
     print(f"\n### Memory ratios at {L} tokens\n")
     _table_header(["ratio", "value", "target", "verdict"])
-    mem_rows = [
+    # (ratio, value, ">=" / "<=" and its bound, or None for a figure given beside the others)
+    mem_rows: list[tuple[str, float, tuple[str, float] | None]] = [
         (
             "device_act_bytes_vs_none",
             mems["device_act_bytes_vs_none"],
-            f"<= {targets['device_act_bytes_vs_none']:.3f}",
+            ("<=", targets["device_act_bytes_vs_none"]),
         ),
-        ("matched_bytes_vs_checkpoint", mems["matched_bytes_vs_checkpoint"], "<= 1.000"),
+        ("matched_bytes_vs_checkpoint", mems["matched_bytes_vs_checkpoint"], ("<=", 1.0)),
         (
             "file_tier_rss_vs_none (growth above the process's RSS before its first step)",
             mems["file_tier_rss_vs_none"],
-            "<= 0.500",
+            ("<=", 0.5),
         ),
-        ("file_tier_total_rss_vs_none (whole peak RSS)", mems["file_tier_total_rss_vs_none"], "-"),
+        ("file_tier_total_rss_vs_none (whole peak RSS)", mems["file_tier_total_rss_vs_none"], None),
     ]
     if search:
-        mem_rows.append(("max_len_vs_checkpoint", result["max_len_vs_checkpoint"], ">= 1.500"))
-    for name, v, tgt in mem_rows:
-        if tgt == "-":
-            verdict = "-"
-        else:
-            op, bound = tgt.split()
-            verdict = "hit" if (v >= float(bound) if op == ">=" else v <= float(bound)) else "miss"
-        print(f"| {name} | {v:.3f} | {tgt} | {verdict} |")
+        mem_rows.append(("max_len_vs_checkpoint", result["max_len_vs_checkpoint"], (">=", 1.5)))
+    for name, v, target in mem_rows:
+        if target is None:
+            print(f"| {name} | {v:.3f} | - | - |")
+            continue
+        op, bound = target
+        hit = v >= bound if op == ">=" else v <= bound
+        print(f"| {name} | {v:.3f} | {op} {bound:.3f} | {'hit' if hit else 'miss'} |")
     if search:
         print(
             f"\n### Longest sequence within {_gib(args.budget)} GiB peak RSS ({args.spec_search['layers']} layers, one step per length in a fresh process; allocator: {args.allocator})\n"
