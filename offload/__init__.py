@@ -96,7 +96,7 @@ def _baseline(cfg: ActivationConfig, device: torch.device) -> LayerExecutor:
     if cfg.mode == "none":
         return TrimmedPlainExecutor(trimmer) if trimmer.enabled else PlainExecutor()
     if cfg.mode == "recompute":
-        return RecomputeExecutor(trimmer)
+        return RecomputeExecutor(trimmer, cfg.tile_rows)
     return OffloadAllExecutor(trimmer)
 
 

@@ -10,11 +10,15 @@ MODES = ("none", "recompute", "offload", "tokenwise")
 TIERS = ("host", "file")
 
 
-def check_tile_rows(key: str, tile_rows: int) -> None:
-    """Tiled row-wise compute is not built yet: only 0 (the whole sequence) runs."""
-    if tile_rows > 0:
+TILED_MODES = ("recompute", "tokenwise")  # the modes whose layers run on row tiles
+
+
+def check_tile_rows(key: str, tile_rows: int | str, mode: str, mode_key: str) -> None:
+    """Tiles need a mode that drops a tile's saved tensors (tokenwise, recompute)."""
+    if tile_rows != 0 and mode not in TILED_MODES:
         raise ConfigError(
-            f"{key} > 0 is not implemented yet (tiled row-wise compute); use 0, the whole sequence"
+            f"{key}={tile_rows} needs {mode_key} tokenwise or recompute (tiles of a layer whose saved "
+            f"tensors all stay on the device save nothing), got {mode_key}={mode}; set {key}=0"
         )
 
 
@@ -34,8 +38,11 @@ class ActivationConfig:
     plan: a JSON file with one entry per decoder layer (mode keep / recompute / tokenwise, alpha,
         tier, tile_rows; schema in docs/activation_memory.md), as the memory planner writes it.
         When set, it decides every layer: mode, alpha, tier, keep_last and tile_rows are not read.
-    tile_rows: rows per tile of the row-wise parts; 0 = the whole sequence (the only value
-        implemented so far).
+    tile_rows: rows per tile of the row-wise parts (norms, projections, RoPE, MLP), so one layer's
+        transient memory grows with tile_rows x intermediate_size instead of seq x intermediate_size;
+        0 = the whole sequence; "auto" = the largest tile whose MLP intermediates are no larger than
+        the layer input (at least 256 rows). Rounded down to a multiple of 8 rows (offload/tiles.py).
+        Modes tokenwise and recompute.
     file_dir: directory of the file tier (default: <output_dir>/activation_swap).
     host_budget_bytes: cap on each tier's activation bytes for alpha="auto" (default: half of the
         available memory for the host tier, 90% of the free disk for the file tier).
@@ -53,7 +60,7 @@ class ActivationConfig:
     tier: str = option("host", choices=TIERS)
     keep_last: int = option(2, min=0)
     plan: str | None = option(None, nonempty=True)
-    tile_rows: int = option(0, min=0)
+    tile_rows: int | str = option(0, min=0, choices=("auto",))
     file_dir: str | None = None
     host_budget_bytes: int | None = option(None, min=1)
     trim_heap: bool | str = option("auto", choices=("auto",))
@@ -61,7 +68,8 @@ class ActivationConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "activation")
-        check_tile_rows("activation.tile_rows", self.tile_rows)
+        if self.plan is None:
+            check_tile_rows("activation.tile_rows", self.tile_rows, self.mode, "activation.mode")
         if self.link_gbps is not None and self.mode != "tokenwise" and self.plan is None:
             raise ConfigError(
                 f"activation.link_gbps emulates the link of the tokenwise tiers, but activation.mode={self.mode}; "

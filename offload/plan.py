@@ -19,8 +19,9 @@ A uniform config is the plan whose last ``keep_last`` layers are ``keep`` and th
       {"mode": "keep"}
     ]}
 
-``mode`` is required; ``alpha`` (default "auto"), ``tier`` (default "host") and ``tile_rows``
-(default 0) are read for tokenwise layers only. Every error is one ConfigError line naming the
+``mode`` is required; ``alpha`` (default "auto") and ``tier`` (default "host") are read for
+tokenwise layers only, ``tile_rows`` (default 0; rows per tile or "auto") for tokenwise and
+recompute layers (a keep layer with tiles is an error). Every error is one ConfigError line naming the
 file, the layer and the field.
 """
 
@@ -41,13 +42,14 @@ LAYER_MODES = ("keep", "recompute", "tokenwise")
 @dataclass
 class LayerPlan:
     """One decoder layer: mode (keep / recompute / tokenwise); for tokenwise its alpha (in [0, 1]
-    or "auto"), tier (host / file) and tile_rows (0 = the whole sequence, the only value so far).
-    Checked when it becomes part of an ``ActivationPlan`` (whose errors name the layer)."""
+    or "auto") and tier (host / file); for tokenwise and recompute its tile_rows (0 = the whole
+    sequence, "auto", or rows per tile). Checked when it becomes part of an ``ActivationPlan``
+    (whose errors name the layer)."""
 
     mode: str = option("tokenwise", choices=LAYER_MODES)
     alpha: float | str = option("auto", min=0.0, max=1.0, choices=("auto",))
     tier: str = option("host", choices=TIERS)
-    tile_rows: int = option(0, min=0)
+    tile_rows: int | str = option(0, min=0, choices=("auto",))
 
 
 LAYER_FIELDS = tuple(f.name for f in fields(LayerPlan))
@@ -72,7 +74,7 @@ class ActivationPlan:
             if not isinstance(layer, LayerPlan):
                 raise ConfigError(f"{key} must be a LayerPlan, got {layer!r}")
             check_fields(layer, key)
-            check_tile_rows(f"{key}.tile_rows", layer.tile_rows)
+            check_tile_rows(f"{key}.tile_rows", layer.tile_rows, layer.mode, f"{key}.mode")
 
     @classmethod
     def from_config(cls, cfg: ActivationConfig, num_layers: int) -> ActivationPlan:
@@ -87,7 +89,9 @@ class ActivationPlan:
         def layer(i: int) -> LayerPlan:
             if i < n_tokenwise:
                 return LayerPlan("tokenwise", cfg.alpha, cfg.tier, cfg.tile_rows)
-            return LayerPlan("recompute" if cfg.mode == "recompute" else "keep")
+            if cfg.mode == "recompute":
+                return LayerPlan("recompute", tile_rows=cfg.tile_rows)
+            return LayerPlan("keep")
 
         layers = tuple(layer(i) for i in range(num_layers))
         return cls(layers, **_shared(cfg))

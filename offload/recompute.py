@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from longtrain.trainer.model.adapter import LayerContext, LayerParts, run_layer
 
 from .heap import HeapTrimmer
+from .tiles import checkpointed_tiled
 
 
 def checkpointed(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
@@ -62,9 +63,17 @@ class TrimmedPlainExecutor(_Baseline):
 
 
 class RecomputeExecutor(_Baseline):
-    """Every layer is re-run in backward from its saved input (the recompute baseline)."""
+    """Every layer is re-run in backward from its saved input (the recompute baseline); with
+    ``tile_rows`` its row-wise parts run on tiles, each re-run again in its own backward."""
 
-    run_one = staticmethod(checkpointed)
+    def __init__(self, trim_heap: HeapTrimmer | None = None, tile_rows: int | str = 0):
+        super().__init__(trim_heap)
+        self.tile_rows = tile_rows
+
+    def run_one(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:  # type: ignore[override]
+        if self.tile_rows:
+            return checkpointed_tiled(parts, x_th, ctx, self.tile_rows)
+        return checkpointed(parts, x_th, ctx)
 
 
 class OffloadAllExecutor(_Baseline):

@@ -62,13 +62,14 @@ class Handle:
 class Slot:
     """One saved tensor of an offloaded layer."""
 
-    kind: str  # "keep" | "view" | "whole" | "rows" | "pending" (saved by the core, classified after it)
+    kind: str  # "keep" | "view" | "whole" | "rows" | "tile" | "pending" (saved by the core, classified after it)
     tensor: Tensor | None = None  # keep: the tensor itself
     whole: int = -1  # view, whole: index of the whole tensor
     size: tuple = ()
     stride: tuple = ()
     offset: int = 0
-    row: int = -1  # rows: index among the layer's row slots
+    row: int = -1  # rows: index among the layer's row slots; tile: index among the tile's saved tensors
+    tile: int = -1  # tile: index of the tile in the layer's tiles
     refs: int = 0  # unpacks still to come
 
 
@@ -80,6 +81,25 @@ class Whole:
     requires_grad: bool  # as in forward: the rerun must save what the forward saved (frozen embeddings)
     copy: Copy | None = None
     value: Tensor | None = None
+
+
+@dataclass
+class Tile:
+    """One row tile of a tiled layer's pre- or post-attention: its saved tensors are offloaded
+    (a head tile, rows below the cut) or dropped and recomputed before its backward (a tail tile)."""
+
+    segment: str  # "pre" | "post"
+    start: int
+    end: int
+    head: bool
+    shapes: list[tuple] = field(default_factory=list)  # of its saved tensors, in saving order
+    copies: list[Copy] = field(default_factory=list)  # forward: offloads in flight (head tiles)
+    fetches: list[Copy] = field(default_factory=list)  # backward: reads in flight (head tiles)
+    values: list[Tensor | None] = field(default_factory=list)  # backward: fetched or recomputed
+    alive: list[Tensor] = field(default_factory=list)  # forward: packed tensors kept alive while it runs
+    staged_bytes: int = 0
+    fetched: bool = False  # its reads were started (head tiles)
+    ready: bool = False  # values hold its saved tensors
 
 
 @dataclass
@@ -106,10 +126,14 @@ class LayerRecord:
     alive: list[Tensor] = field(default_factory=list)  # packed tensors kept alive during the layer's forward
     staged_bytes: int = 0  # device bytes held until this layer's offloads complete
     resident_bytes: int = 0  # device bytes of fetched/rebuilt tensors during its backward
+    tile_rows: int = 0  # 0: untiled; else the row-wise parts ran on ``tiles``
+    tiles: list[Tile] = field(default_factory=list)
+    tile_current: int = -1  # forward: the tile whose saved tensors are being packed
     pending_refs: int = 0
     handles: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     prefetched: bool = False
-    rebuilt: bool = False
+    rebuilt: bool = False  # whole tensors fetched (at the layer's first unpack)
+    rows_rebuilt: bool = False  # row slots reassembled (at the first unpack of one)
 
 
 def step_stats(
@@ -128,6 +152,7 @@ def step_stats(
         per_layer[f"layer{i}_{tier}_bytes"] = offloaded
         per_layer[f"layer{i}_alpha"] = alphas[i]
         per_layer[f"layer{i}_recomputed_rows"] = t - rec.a
+        per_layer[f"layer{i}_tile_rows"] = rec.tile_rows
         cuts.add((alphas[i], rec.a))
     stats: dict[str, Any] = {
         **totals,

@@ -50,6 +50,7 @@ from .records import (
     Handle,
     LayerRecord,
     Slot,
+    Tile,
     Whole,
     is_param_like,
     nbytes_of,
@@ -57,6 +58,13 @@ from .records import (
     step_stats,
     storage_key,
     view_key,
+)
+from .tiles import (
+    checkpointed_tiled,
+    resolve_tile_rows,
+    tile_bounds,
+    tiled_post_attention,
+    tiled_pre_attention,
 )
 
 if TYPE_CHECKING:
@@ -172,9 +180,10 @@ class TokenwiseExecutor:
                 if i >= 2:
                     self.trim_heap()  # layer i-2's saved tensors are free now
                 a = split_row(float(self.alphas[i]), t)  # "auto" was resolved above
-                x_th = self._forward_offloaded(parts, x_th, ctx, t, a, self.engines[layer.tier])
+                rows = resolve_tile_rows(layer.tile_rows, t, x_th.shape[1], parts.gate_proj.out_features)
+                x_th = self._forward_offloaded(parts, x_th, ctx, t, a, self.engines[layer.tier], rows)
             elif layer.mode == "recompute":
-                x_th = self._forward_recomputed(parts, x_th, ctx)
+                x_th = self._forward_recomputed(parts, x_th, ctx, layer.tile_rows)
             else:
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
                     x_th = run_layer(parts, x_th, ctx)
@@ -183,10 +192,14 @@ class TokenwiseExecutor:
             self._prefetch(max(self.records))
         return x_th
 
-    def _forward_recomputed(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
+    def _forward_recomputed(
+        self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, tile_rows: int | str
+    ) -> Tensor:
         """torch.utils.checkpoint: only the layer input is held (counted until the layer's backward
-        begins); the layer is re-run in backward."""
-        y_th = checkpointed(parts, x_th, ctx)
+        begins); the layer is re-run in backward (on tiles, each re-run again in its own backward)."""
+        y_th = (
+            checkpointed_tiled(parts, x_th, ctx, tile_rows) if tile_rows else checkpointed(parts, x_th, ctx)
+        )
         held, step = nbytes_of(x_th), self._step
         self._device_add(held)
         if y_th.requires_grad:
@@ -222,12 +235,23 @@ class TokenwiseExecutor:
         return tensor
 
     def _forward_offloaded(
-        self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, t: int, a: int, engine: Any
+        self,
+        parts: LayerParts,
+        x_th: Tensor,
+        ctx: LayerContext,
+        t: int,
+        a: int,
+        engine: Any,
+        tile_rows: int = 0,
     ) -> Tensor:
+        """One tokenwise layer (``a``: rows [0, a) offloaded); ``tile_rows`` > 0: its row-wise parts
+        run on tiles cut at ``a`` too, each tile's saved tensors offloaded whole (below ``a``) or
+        recomputed on their own before the tile's backward."""
         dev = x_th.device.type
         rec = LayerRecord(
             parts.index, t, a, (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev), engine
         )
+        rec.tile_rows = tile_rows
         self.records[parts.index] = rec
         shared = {storage_key(ctx.cos_td), storage_key(ctx.sin_td)}
         rec.x_whole = self._add_whole(rec, x_th)
@@ -239,19 +263,34 @@ class TokenwiseExecutor:
             return hook
 
         unpack = lambda key: self._unpack(rec, key)  # noqa: E731
+        bounds = tile_bounds(t, tile_rows, a) if tile_rows else [(0, t)]
+        begin = (lambda segment, s, e: self._begin_tile(rec, segment, s, e)) if tile_rows else None
         with torch.autograd.graph.saved_tensors_hooks(pack("pre"), unpack):
-            q, k, v = parts.pre_attention(x_th, ctx.cos_td, ctx.sin_td)
+            q, k, v = tiled_pre_attention(parts, x_th, ctx.cos_td, ctx.sin_td, bounds, begin)
         with torch.autograd.graph.saved_tensors_hooks(pack("attn"), unpack):
             out_tnd, lse = ctx.attention(parts, q, k, v)
         rec.out_whole = self._add_whole(rec, out_tnd)
         self._add_whole(rec, lse)
         self._classify_core_saves(rec, {"q": q, "k": k, "v": v})
         with torch.autograd.graph.saved_tensors_hooks(pack("post"), unpack):
-            y_th = parts.post_attention(x_th, out_tnd)
+            y_th = tiled_post_attention(parts, x_th, out_tnd, bounds, begin)
         # Packed tensors were held so that a freed tensor's memory, reused by a later tensor of the same
         # shape, can never alias an earlier slot; the copies in flight keep what they still need.
         rec.alive.clear()
+        for tile in rec.tiles:
+            tile.alive.clear()
         return y_th
+
+    def _begin_tile(self, rec: LayerRecord, segment: str, start: int, end: int) -> None:
+        """The next tile of a tiled layer starts: the one before it has packed all it saves, and the
+        offloads of the one before that must be done (two tiles of copies in flight)."""
+        k = len(rec.tiles)
+        if k >= 1:
+            rec.tiles[k - 1].alive.clear()  # its keys are its own: no later tile can alias them
+        if k >= 2:
+            self._wait_tile_copies(rec, rec.tiles[k - 2])
+        rec.tiles.append(Tile(segment, start, end, head=end <= rec.a))
+        rec.tile_current = k
 
     def layer_offload_bytes(
         self, parts: LayerParts, x_th: Tensor, ctx: LayerContext, alpha: float = 1.0
@@ -282,14 +321,17 @@ class TokenwiseExecutor:
 
     def _pack(self, rec: LayerRecord, segment: str, tensor: Tensor, shared: set[int]) -> Handle:
         vkey = view_key(tensor)
-        slot = rec.slots.get(vkey)
+        tiled = rec.tile_rows > 0 and segment != "attn"
+        key = (rec.tile_current, vkey) if tiled else vkey  # a tile's tensors are its own
+        slot = rec.slots.get(key)
         if slot is None:
-            rec.alive.append(tensor.detach())  # detached: no path back into the graph (see _recompute_tails)
+            # detached: no path back into the graph (see _recompute_tails)
+            (rec.tiles[rec.tile_current].alive if tiled else rec.alive).append(tensor.detach())
             slot = self._classify(rec, segment, vkey, tensor, shared)
-            rec.slots[vkey] = slot
+            rec.slots[key] = slot
         slot.refs += 1
         rec.pending_refs += 1
-        handle = Handle(vkey)
+        handle = Handle(key)
         rec.handles.add(handle)
         return handle
 
@@ -304,6 +346,8 @@ class TokenwiseExecutor:
         view = self._view_slot(rec, tensor)
         if view is not None:
             return view
+        if rec.tile_rows:
+            return self._tile_slot(rec, tensor)
         if tensor.dim() >= 1 and tensor.shape[0] == rec.t:
             return self._row_slot(rec, segment, tensor)
         rec.resident_bytes += nbytes_of(tensor)
@@ -356,6 +400,26 @@ class TokenwiseExecutor:
             self._device_add(nbytes_of(tensor))
         return Slot("rows", row=row)
 
+    def _tile_slot(self, rec: LayerRecord, tensor: Tensor) -> Slot:
+        """A tensor the current tile saved: offloaded whole in a head tile, dropped in a tail tile."""
+        k = rec.tile_current
+        tile = rec.tiles[k]
+        n = len(tile.shapes)
+        tile.shapes.append(tuple(tensor.shape))
+        if tile.head:
+            tile.copies.append(rec.engine.offload((rec.index, "tile", k, n), tensor.detach(), rec.index))
+            rec.row_bytes += nbytes_of(tensor)
+            tile.staged_bytes += nbytes_of(tensor)
+            self._device_add(nbytes_of(tensor))
+        return Slot("tile", tile=k, row=n)
+
+    def _wait_tile_copies(self, rec: LayerRecord, tile: Tile) -> None:
+        for c in tile.copies:
+            rec.engine.wait(c)
+        tile.copies = []
+        self._device_sub(tile.staged_bytes)
+        tile.staged_bytes = 0
+
     def _wait_offloads(self, index: int) -> None:
         rec = self.records.get(index)
         if rec is None:
@@ -368,6 +432,8 @@ class TokenwiseExecutor:
         rec.row_copies = [None] * len(rec.row_copies)
         self._device_sub(rec.staged_bytes)
         rec.staged_bytes = 0
+        for tile in rec.tiles:
+            self._wait_tile_copies(rec, tile)
 
     # ---------------------------------------------------------------- backward
     def _prefetch(self, index: int) -> None:
@@ -389,11 +455,10 @@ class TokenwiseExecutor:
             self._prefetch(max(below))
 
     def _unpack(self, rec: LayerRecord, handle: Handle) -> Tensor:
-        vkey = handle.vkey
         if not rec.rebuilt:
             self._prefetch_below(rec.index)  # the layer above has finished its backward
             self._rebuild(rec)
-        slot = rec.slots[vkey]
+        slot = rec.slots[handle.vkey]
         if slot.kind == "keep":
             value = slot.tensor
         elif slot.kind == "whole":
@@ -404,14 +469,21 @@ class TokenwiseExecutor:
             # as_strided offsets count from the storage start; a fetched base may sit at an offset in its
             # storage (an aligned file-tier read)
             value = base.as_strided(slot.size, slot.stride, base.storage_offset() + slot.offset)
+        elif slot.kind == "tile":
+            value = self._tile_value(rec, slot)
         else:
+            if not rec.rows_rebuilt:
+                self._rebuild_rows(rec)
             value = rec.full_rows[slot.row]
-        assert value is not None  # kept tensors are set by _classify, wholes and rows by _rebuild
+        assert value is not None  # kept tensors are set by _classify, the others by the rebuilds
         slot.refs -= 1
         rec.pending_refs -= 1
         if slot.refs == 0 and slot.kind == "rows":
             self._device_sub(nbytes_of(value))
             rec.full_rows[slot.row] = None
+        if slot.refs == 0 and slot.kind == "tile":
+            self._device_sub(nbytes_of(value))
+            rec.tiles[slot.tile].values[slot.row] = None
         if rec.pending_refs == 0:  # this layer's backward has unpacked everything: free it
             self._device_sub(rec.resident_bytes)
             rec.resident_bytes = 0
@@ -421,7 +493,8 @@ class TokenwiseExecutor:
         return value
 
     def _rebuild(self, rec: LayerRecord) -> None:
-        """Fetch the offloaded rows and whole tensors; recompute rows [a, t) of every row slot."""
+        """The layer's backward begins: fetch the whole tensors (and start reading the first head
+        tile backward needs)."""
         self.trim_heap()  # the layer above has finished its backward and freed its tensors
         self._prefetch(rec.index)
         for w in rec.wholes:
@@ -429,6 +502,43 @@ class TokenwiseExecutor:
             w.copy = None
             rec.resident_bytes += nbytes_of(w.value)
             self._device_add(nbytes_of(w.value))
+        self._fetch_tile(rec, self._next_head_tile(rec, len(rec.tiles)))
+        rec.rebuilt = True
+
+    def _next_head_tile(self, rec: LayerRecord, k: int) -> int | None:
+        """The head tile backward reaches after tile ``k`` (tiles run backward in reverse order)."""
+        return next((j for j in reversed(range(k)) if rec.tiles[j].head), None)
+
+    def _fetch_tile(self, rec: LayerRecord, k: int | None) -> None:
+        if k is None or rec.tiles[k].fetched:
+            return
+        tile = rec.tiles[k]
+        self._wait_tile_copies(rec, tile)
+        tile.fetched = True
+        tile.fetches = [rec.engine.fetch((rec.index, "tile", k, n)) for n in range(len(tile.shapes))]
+
+    def _tile_value(self, rec: LayerRecord, slot: Slot) -> Tensor:
+        """A tile's saved tensor; at the tile's first unpack all of them are read (head) or
+        recomputed (tail), and the next head tile's read starts."""
+        tile = rec.tiles[slot.tile]
+        if not tile.ready:
+            if tile.head:
+                self._fetch_tile(rec, slot.tile)
+                tile.values = [rec.engine.wait(c) for c in tile.fetches]
+                tile.fetches = []
+            else:
+                tile.values = list(self._recompute_tile(rec, tile))
+            for value in tile.values:
+                assert value is not None
+                self._device_add(nbytes_of(value))
+            tile.ready = True
+            self._fetch_tile(rec, self._next_head_tile(rec, slot.tile))
+        value = tile.values[slot.row]
+        assert value is not None  # released only after its last unpack
+        return value
+
+    def _rebuild_rows(self, rec: LayerRecord) -> None:
+        """Reassemble every row slot: head rows read back, rows [a, t) recomputed."""
         heads = [rec.engine.wait(c) if c is not None else None for c in rec.head_fetch]
         rec.head_fetch = []
         tails = self._recompute_tails(rec)
@@ -443,59 +553,99 @@ class TokenwiseExecutor:
                 )
             self._device_add(nbytes_of(full))
             rec.full_rows.append(full)
-        rec.rebuilt = True
+        rec.rows_rebuilt = True
+
+    def _capture(self, shared: set[int], captured: list[Tensor], alive: list[Tensor], rows: int | None):
+        """A pack hook for a rerun: appends to ``captured`` what the forward classified as its own
+        (not a parameter, not in a ``shared`` storage, each tensor once; with ``rows``: only tensors
+        of that many rows) and packs nothing (the rerun's graph is dropped)."""
+        seen: set[tuple] = set()
+
+        def hook(tensor: Tensor) -> None:
+            vkey = view_key(tensor)
+            if vkey in seen or storage_key(tensor) in shared or is_param_like(tensor, self.param_storages):
+                return None
+            seen.add(vkey)
+            # Detached: autograd keeps this hook (and so ``alive``) referenced from the graph's saved
+            # variables; a grad_fn here would close a cycle through C++ that the garbage collector
+            # cannot see, leaking the rerun graph every step. ``alive``: as in forward, no freed-and-
+            # reused memory may alias a seen tensor.
+            alive.append(tensor.detach())
+            if rows is None or (tensor.dim() >= 1 and tensor.shape[0] == rows):
+                captured.append(tensor.detach())
+            return None
+
+        return hook
+
+    def _rerun_inputs(self, rec: LayerRecord, start: int) -> tuple[Tensor, Tensor, set[int]]:
+        """Rows [start, t) of the layer input and the attention output as a rerun's inputs, and the
+        storages a rerun's capture skips (theirs and the RoPE tables')."""
+        ctx = self._ctx
+        x_whole, out_whole = rec.wholes[rec.x_whole].value, rec.wholes[rec.out_whole].value
+        assert ctx is not None and x_whole is not None and out_whole is not None  # set by __call__, _rebuild
+        shared = {storage_key(t) for t in (ctx.cos_td, ctx.sin_td, x_whole, out_whole)}
+        x_in = x_whole[start:].detach().requires_grad_(rec.wholes[rec.x_whole].requires_grad)
+        o_in = out_whole[start:].detach().requires_grad_(rec.wholes[rec.out_whole].requires_grad)
+        return x_in, o_in, shared
+
+    def _autocast(self, rec: LayerRecord) -> contextlib.AbstractContextManager:
+        enabled, dtype, dev = rec.autocast
+        return torch.autocast(dev, dtype=dtype) if enabled else contextlib.nullcontext()
+
+    def _recompute_tile(self, rec: LayerRecord, tile: Tile) -> list[Tensor]:
+        """A tail tile's saved tensors: its part re-run on its rows, capturing what it saves."""
+        parts, ctx = self._layers[rec.index], self._ctx
+        assert ctx is not None
+        s, e = tile.start, tile.end
+        captured: list[Tensor] = []
+        alive: list[Tensor] = []
+        with torch.enable_grad(), self._autocast(rec):
+            x_all, o_all, shared = self._rerun_inputs(rec, 0)
+            x_in, o_in = x_all[s:e], o_all[s:e]
+            with torch.autograd.graph.saved_tensors_hooks(
+                self._capture(shared, captured, alive, None), lambda p: p
+            ):
+                if tile.segment == "pre":
+                    parts.pre_attention(x_in, ctx.cos_td[s:e], ctx.sin_td[s:e])
+                else:
+                    parts.post_attention(x_in, o_in)
+        shapes = [tuple(c.shape) for c in captured]
+        if shapes != tile.shapes:
+            raise RuntimeError(
+                f"token-wise recompute of layer {rec.index} {tile.segment} tile [{s}, {e}) saved tensors of "
+                f"shapes {shapes}, forward saved {tile.shapes}; this layer is not row-wise as the adapter promises"
+            )
+        return captured
 
     def _recompute_tails(self, rec: LayerRecord) -> list[Tensor | None]:
         n_rows = len(rec.row_shapes)
         if rec.a >= rec.t:
             return [None] * n_rows
         parts, ctx = self._layers[rec.index], self._ctx
-        x_whole, out_whole = rec.wholes[rec.x_whole].value, rec.wholes[rec.out_whole].value
-        assert ctx is not None and x_whole is not None and out_whole is not None  # set by __call__, _rebuild
-        x_tail = x_whole[rec.a :]
-        out_tail = out_whole[rec.a :]
+        assert ctx is not None
         cos, sin = ctx.cos_td[rec.a :], ctx.sin_td[rec.a :]
         captured: dict[str, list[Tensor]] = {"pre": [], "post": []}
-        alive: list[Tensor] = []  # as in forward: no freed-and-reused memory may alias a seen tensor
-        shared = {
-            storage_key(ctx.cos_td),
-            storage_key(ctx.sin_td),
-            storage_key(x_tail),
-            storage_key(out_tail),
-        }
-
-        def capture(segment: str):
-            seen: set[tuple] = set()
-
-            def hook(tensor: Tensor):
-                vkey = view_key(tensor)
-                if (
-                    vkey in seen
-                    or storage_key(tensor) in shared
-                    or is_param_like(tensor, self.param_storages)
-                ):
-                    return None
-                seen.add(vkey)
-                # Detached: autograd keeps this hook (and so ``alive``) referenced from the graph's
-                # saved variables; a grad_fn here would close a cycle through C++ that the garbage
-                # collector cannot see, leaking the rerun graph every step.
-                alive.append(tensor.detach())
-                if tensor.dim() >= 1 and tensor.shape[0] == rec.t - rec.a:
-                    captured[segment].append(tensor.detach())
-                return None
-
-            return hook
-
-        enabled, dtype, dev = rec.autocast
-        autocast = torch.autocast(dev, dtype=dtype) if enabled else contextlib.nullcontext()
-        with torch.enable_grad(), autocast:
-            x_in = x_tail.detach().requires_grad_(rec.wholes[rec.x_whole].requires_grad)
-            o_in = out_tail.detach().requires_grad_(rec.wholes[rec.out_whole].requires_grad)
-            with torch.autograd.graph.saved_tensors_hooks(capture("pre"), lambda p: p):
-                q, k, v = parts.pre_attention(x_in, cos, sin)
-            with torch.autograd.graph.saved_tensors_hooks(capture("post"), lambda p: p):
-                parts.post_attention(x_in, o_in)
+        alive: list[Tensor] = []
         tails: list[Tensor | None] = [None] * n_rows
+        if rec.tile_rows:  # q, k, v are the only row slots; the tiles rebuild their own tensors
+            bounds = [
+                (s - rec.a, e - rec.a) for s, e in tile_bounds(rec.t, rec.tile_rows, rec.a) if s >= rec.a
+            ]
+            x_in, _o, _shared = self._rerun_inputs(rec, rec.a)
+            with torch.no_grad(), self._autocast(rec):
+                q, k, v = tiled_pre_attention(parts, x_in, cos, sin, bounds)
+        else:
+            with torch.enable_grad(), self._autocast(rec):
+                x_in, o_in, shared = self._rerun_inputs(rec, rec.a)
+                t_tail = rec.t - rec.a
+                with torch.autograd.graph.saved_tensors_hooks(
+                    self._capture(shared, captured["pre"], alive, t_tail), lambda p: p
+                ):
+                    q, k, v = parts.pre_attention(x_in, cos, sin)
+                with torch.autograd.graph.saved_tensors_hooks(
+                    self._capture(shared, captured["post"], alive, t_tail), lambda p: p
+                ):
+                    parts.post_attention(x_in, o_in)
         for name, tensor in (("q", q), ("k", k), ("v", v)):
             if name in rec.qkv_rows:
                 tails[rec.qkv_rows[name]] = tensor.detach()

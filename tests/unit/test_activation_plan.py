@@ -242,8 +242,16 @@ def with_layer(i, entry):
         (with_layer(3, {"mode": "tokenwise", "tier": "ssd"}), r"layers\[3\]\.tier must be one of host, file"),
         (with_layer(1, {"alpha": 0.5}), r"layers\[1\]\.mode is missing"),
         (
-            with_layer(0, {"mode": "tokenwise", "tile_rows": 128}),
-            r"layers\[0\]\.tile_rows > 0 is not implemented yet",
+            with_layer(0, {"mode": "keep", "tile_rows": 128}),
+            r"layers\[0\]\.tile_rows=128 needs activation\.plan\.layers\[0\]\.mode tokenwise or recompute",
+        ),
+        (
+            with_layer(1, {"mode": "tokenwise", "tile_rows": "big"}),
+            r"layers\[1\]\.tile_rows must be an int >= 0 or 'auto', got 'big'",
+        ),
+        (
+            with_layer(1, {"mode": "recompute", "tile_rows": 12.5}),
+            r"layers\[1\]\.tile_rows must be an int >= 0 or 'auto', got 12\.5",
         ),
         (
             with_layer(0, {"mode": "tokenwise", "tile_rows": -1}),
@@ -299,8 +307,12 @@ def test_plan_file_that_is_not_json_or_missing(tmp_path):
             r"^activation\.link_gbps emulates the link of the tokenwise",
         ),
         (
-            lambda: ActivationConfig(mode="tokenwise", tile_rows=64),
-            r"^activation\.tile_rows > 0 is not implemented yet",
+            lambda: ActivationConfig(mode="none", tile_rows=64),
+            r"^activation\.tile_rows=64 needs activation\.mode tokenwise or recompute",
+        ),
+        (
+            lambda: ActivationConfig(mode="offload", tile_rows="auto"),
+            r"^activation\.tile_rows=auto needs activation\.mode tokenwise or recompute",
         ),
         (
             lambda: ActivationConfig(mode="tokenwise", tile_rows=-1),
