@@ -13,7 +13,7 @@
    failure is reported, not hidden). ``cpu_adam_vs_floor`` = floor time / our step time.
 2. NVMe tier. GB/s of ``optim.tiers.NvmeTier`` store/load (the tier's code: O_DIRECT, 4 KiB-padded
    regions, one call per sub-group) against raw O_DIRECT ``os.pwrite`` / ``os.preadv`` of the same
-   sizes at the same offsets from a page-aligned buffer, in another file of the same directory.
+   sizes at the same offsets from the same aligned buffer, in another file of the same directory.
    Neither goes through the page cache; neither fsyncs. One warm-up round (block allocation).
 3. End to end against DeepSpeed ZeRO-3 and FSDP's state bytes: not built yet (needs
    ``parallel.shard=fsdp``); its keys are null with a note. ``nvme_rss_vs_dram`` /
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import mmap
 import os
 import statistics
 import sys
@@ -192,13 +191,13 @@ def bench_cpu_update(n_params: int, rounds: int, warmup: int) -> dict:
 
 # ---------------------------------------------------------------------------- 2. NVMe tier
 class RawDirect:
-    """O_DIRECT pwrite / preadv of whole regions from a page-aligned (mmap) buffer."""
+    """O_DIRECT pwrite / preadv of whole regions from ``buf`` (the same aligned buffer as the tier's
+    slot, so that only the code path differs, not the memory's page size)."""
 
-    def __init__(self, path: Path, offsets: dict[int, int], sizes: dict[int, int], buf_bytes: int):
+    def __init__(self, path: Path, offsets: dict[int, int], sizes: dict[int, int], buf: memoryview):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
         self.offsets, self.sizes = offsets, sizes
-        self.buf = mmap.mmap(-1, buf_bytes)
-        self.view = memoryview(self.buf)
+        self.view = buf
 
     def store(self, g: int) -> None:
         n = self.sizes[g]
@@ -210,12 +209,10 @@ class RawDirect:
 
     def close(self) -> None:
         os.close(self.fd)
-        self.view.release()
-        self.buf.close()
 
 
 def bench_nvme(directory: str, groups: int, rounds: int) -> dict:
-    from longtrain.offload.direct_io import aligned_buffer, padded
+    from longtrain.offload.direct_io import aligned_buffer, bytes_of, padded
     from longtrain.optim.tiers import NvmeTier
 
     sizes = dict.fromkeys(range(groups), SUBGROUP_STATE)
@@ -229,9 +226,8 @@ def bench_nvme(directory: str, groups: int, rounds: int) -> dict:
         Path(directory) / f"raw-{os.getpid()}.bin",
         {g: g * region for g in sizes},
         dict.fromkeys(sizes, region),
-        region,
+        bytes_of(slot).data,  # a memoryview of the slot
     )
-    raw.view[:region] = slot.numpy().tobytes()[:region]
     total = groups * region
 
     def each(op: Callable[[int], None]) -> Callable[[], None]:
