@@ -1,13 +1,17 @@
 """The optimizer container and learning-rate schedule from ``OptimConfig``.
 
 ``build_optimizer`` splits the trainable parameters into sub-groups, places each sub-group's state
-on a tier (``placement.py``), checks everything a user can get wrong (budget, NVMe directory, CXL
+on a tier (``placement.py``; for ``optim.offload=auto`` the ILP of ``solver.py`` over the tiers
+this host has, from bandwidths measured at start-up), checks everything a user can get wrong (budget, NVMe directory, CXL
 node, CPU AdamW implementation) and returns the ``OptimizerContainer`` (``container.py``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -15,12 +19,15 @@ import torch
 from torch import nn
 
 from longtrain.config_checks import ConfigError
+from longtrain.offload.direct_io import check_dir
 
+from . import solver
+from .bandwidth import cxl_gbps, disk_gbps, dram_stream_gbps
 from .config import OptimConfig
 from .container import OptimizerContainer
 from .cpu_adam import resolve_cpu_impl
 from .placement import Placement, place_subgroups, split_subgroups
-from .tiers import resolve_cxl_node
+from .tiers import node_free_bytes, resolve_cxl_node
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -40,18 +47,43 @@ def _defaults(cfg: OptimConfig) -> dict[str, Any]:
     return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
 
 
+def auto_problem(
+    state_bytes: Sequence[int], cfg: OptimConfig, dram_bytes: int, backward_s: float = 0.0
+) -> solver.Problem:
+    """The placement problem of ``optim.offload=auto``: dram (``dram_bytes`` for state and staging),
+    nvme when ``optim.nvme_dir`` is set (its free space), cxl when the host has a CPU-less NUMA node
+    (its free memory; the emulated tier is DRAM and would hold no more), with measured bandwidths.
+    The device tier has no budget key yet, so auto never chooses it."""
+    capacity: dict[str, int | None] = {"dram": dram_bytes}
+    rates: dict[str, float] = {"dram_gbps": dram_stream_gbps(), "cxl_latency_s": cfg.cxl_latency_us * 1e-6}
+    if cfg.nvme_dir is not None:
+        path = check_dir(cfg.nvme_dir, "optim.nvme_dir")
+        capacity["nvme"] = shutil.disk_usage(path).free
+        rates["nvme_read_gbps"], rates["nvme_write_gbps"] = disk_gbps(path)
+    node = resolve_cxl_node(cfg.cxl_node)
+    if node is not None:
+        capacity["cxl"] = node_free_bytes(node)
+        rates["cxl_gbps"] = cxl_gbps(node, cfg.cxl_bandwidth_gbps)
+    return solver.Problem(
+        tuple(state_bytes), capacity, solver.Rates(**rates), backward_s=backward_s, clip=cfg.grad_clip > 0
+    )
+
+
 def build_optimizer(
     model: nn.Module,
     cfg: OptimConfig,
     *,
     overlap_backward: bool = True,
     placement: Placement | None = None,
+    backward_s: float = 0.0,
 ) -> OptimizerContainer:
     """The container over ``model``'s trainable parameters.
 
     ``overlap_backward``: updates may start during the last backward of a step (False under data
     parallelism: gradients are final only after their sync). ``placement``: the tier of each
     sub-group (a solver's answer), instead of the rule of ``place_subgroups`` for ``cfg.offload``.
+    ``backward_s``: the expected time of the last backward, which staged reads can hide behind (the
+    auto placement's cost model; 0: nothing hides behind backward).
     """
     groups = param_groups(model, cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,7 +101,18 @@ def build_optimizer(
         # On CUDA the host tiers update in a pinned buffer of [parameters | gradients] of the largest
         # sub-group (no per-step allocation), whatever the placement.
         cuda_work = 2 * max(state_bytes) if params[0].device.type == "cuda" and cfg.offload != "none" else 0
+        # The rule first: it rejects a budget that holds no sub-group, and is the ILP's fallback.
         placement = place_subgroups(state_bytes, cfg.offload, budget, fixed_bytes=cuda_work)
+        if cfg.offload == "auto":
+            assert budget is not None
+            problem = auto_problem(state_bytes, cfg, budget - cuda_work, backward_s)
+            placement = solver.solve(problem, placement)
+            if placement.solver == "greedy":
+                warnings.warn(
+                    f"optim.offload=auto: the placement ILP gave up ({placement.note}); "
+                    "the sub-groups are placed by the greedy rule",
+                    stacklevel=2,
+                )
     elif len(placement.tiers) != len(subgroups):
         raise ValueError(f"placement has {len(placement.tiers)} tiers for {len(subgroups)} sub-groups")
     tiers = set(placement.tiers)

@@ -340,8 +340,10 @@ class OptimizerContainer(torch.optim.Optimizer):
             else:
                 st[k].copy_(entry[k])
 
-    def stats(self) -> dict[str, float]:
-        """Bytes per tier and the last step's optimizer time on the critical path."""
+    def stats(self) -> dict[str, float | str | None]:
+        """Bytes per tier, the last step's optimizer time on the critical path, and how the tiers
+        were chosen (``optim_placement_solver``: rule | ilp | greedy; the solver's predicted
+        exposed time, None where nothing was solved)."""
         per_tier = dict.fromkeys(("device", "dram", "cxl", "nvme"), 0)
         for g in self._groups:
             if g.home is not None:
@@ -361,6 +363,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         return {
             **{f"optim_{t}_bytes": b for t, b in per_tier.items()},
             **self._last,
+            "optim_placement_solver": self.placement.solver,
+            "optim_predicted_exposed_s": self.placement.predicted_exposed_s,
         }
 
     def close(self) -> None:

@@ -7,8 +7,8 @@ last sub-group's gradients arrive first and give the most time to hide a slow ti
 of backward: ``arrival_order`` is that order.
 
 ``place_subgroups`` is a deterministic rule (below). It returns a ``Placement`` that the container
-takes as is, so a solver (the placement ILP from measured bandwidths) can replace the rule without
-touching the container.
+takes as is; for ``optim.offload=auto`` the placement ILP (``solver.py``, from measured bandwidths)
+replaces it, and the rule is the ILP's greedy fallback.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Placement:
     tiers: tuple[str, ...]  # per sub-group, model order
     staging_slots: int  # DRAM slots of the staged tiers (cxl, nvme), each of ``slot_bytes``
     slot_bytes: int
+    solver: str = "rule"  # rule (place_subgroups) | ilp | greedy (the rule, after the ILP gave up)
+    predicted_exposed_s: float | None = None  # the solver's cost model (solver.py); None: not solved
+    note: str = ""  # why the solver fell back to the rule
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tiers) - set(TIERS))

@@ -131,6 +131,15 @@ def numa_nodes(sysfs: Path | None = None) -> dict[int, bool]:
     return nodes
 
 
+def node_free_bytes(node: int, sysfs: Path | None = None) -> int:
+    """Free memory of NUMA node ``node`` (its sysfs meminfo ``MemFree``), bytes."""
+    meminfo = (sysfs or NODE_SYSFS) / f"node{node}" / "meminfo"
+    for line in meminfo.read_text().splitlines():
+        if "MemFree:" in line:
+            return int(line.split()[-2]) * 1024
+    raise OSError(f"no MemFree line in {meminfo}")
+
+
 def resolve_cxl_node(requested: int | None) -> int | None:
     """The NUMA node of the CXL tier: ``requested`` (it must exist), else the first CPU-less node;
     None: the host has none, the tier is emulated."""
