@@ -14,7 +14,8 @@ TILED_MODES = ("recompute", "tokenwise")  # the modes whose layers run on row ti
 
 
 def check_tile_rows(key: str, tile_rows: int | str, mode: str, mode_key: str) -> None:
-    """Tiles need a mode that drops a tile's saved tensors (tokenwise, recompute)."""
+    """Tiles need a mode that drops a tile's saved tensors (tokenwise, recompute): a plan file that
+    gives a keep layer tiles contradicts itself."""
     if tile_rows != 0 and mode not in TILED_MODES:
         raise ConfigError(
             f"{key}={tile_rows} needs {mode_key} tokenwise or recompute (tiles of a layer whose saved "
@@ -42,7 +43,8 @@ class ActivationConfig:
         transient memory grows with tile_rows x intermediate_size instead of seq x intermediate_size;
         0 = the whole sequence; "auto" = the largest tile whose MLP intermediates are no larger than
         the layer input (at least 256 rows). Rounded down to a multiple of 8 rows (offload/tiles.py).
-        Modes tokenwise and recompute.
+        Read by modes tokenwise and recompute (as keep_last, it is not read by none and offload,
+        so a recipe with tiles can be switched to mode=none without touching it).
     file_dir: directory of the file tier (default: <output_dir>/activation_swap).
     host_budget_bytes: cap on each tier's activation bytes for alpha="auto" (default: half of the
         available memory for the host tier, 90% of the free disk for the file tier).
@@ -68,8 +70,6 @@ class ActivationConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "activation")
-        if self.plan is None:
-            check_tile_rows("activation.tile_rows", self.tile_rows, self.mode, "activation.mode")
         if self.link_gbps is not None and self.mode != "tokenwise" and self.plan is None:
             raise ConfigError(
                 f"activation.link_gbps emulates the link of the tokenwise tiers, but activation.mode={self.mode}; "

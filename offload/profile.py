@@ -61,7 +61,7 @@ def saved_bytes_per_token(
     )
     try:
         x = x_th[:r].detach().requires_grad_(x_th.is_floating_point())
-        whole, rows = probe.layer_offload_bytes(parts, x, probe_ctx)
+        whole, rows = parts.call(lambda x: probe.layer_offload_bytes(parts, x, probe_ctx), x)
     finally:
         probe.close()
     return whole / r, rows / r
@@ -88,7 +88,7 @@ def copy_bandwidth(store: ActivationStore, nbytes: int, device: torch.device) ->
 def layer_forward_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> float:
     with torch.no_grad():
         t0 = time.perf_counter()
-        run_layer(parts, x_th, ctx)
+        parts.call(lambda x: run_layer(parts, x, ctx), x_th)
         if x_th.is_cuda:
             torch.cuda.synchronize(x_th.device)
         return time.perf_counter() - t0

@@ -46,7 +46,7 @@ class _Baseline:
             for i, parts in enumerate(layers):
                 if i:
                     self.trim_heap()  # the previous layer's transient tensors are free now
-                x_th = self.run_one(parts, x_th, ctx)
+                x_th = parts.call(lambda x, parts=parts: self.run_one(parts, x, ctx), x_th)
                 if self.trim_heap.enabled and x_th.requires_grad:
                     x_th.register_hook(self._trim_on_grad)
         return x_th

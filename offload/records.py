@@ -126,6 +126,7 @@ class LayerRecord:
     alive: list[Tensor] = field(default_factory=list)  # packed tensors kept alive during the layer's forward
     staged_bytes: int = 0  # device bytes held until this layer's offloads complete
     resident_bytes: int = 0  # device bytes of fetched/rebuilt tensors during its backward
+    param_keys: set[int] = field(default_factory=set)  # storages of parameters (never activations)
     tile_rows: int = 0  # 0: untiled; else the row-wise parts ran on ``tiles``
     tiles: list[Tile] = field(default_factory=list)
     tile_current: int = -1  # forward: the tile whose saved tensors are being packed

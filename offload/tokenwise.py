@@ -108,6 +108,7 @@ class TokenwiseExecutor:
         self._device_peak = 0
         self._step = 0  # forwards run: a recompute layer's hook frees its input only in its own step
         self._kept_refs: dict[int, int] = {}  # kept layers: saved storage -> packs not yet unpacked
+        self._param_keys = param_storages  # kept layers: the running layer's parameter storages
         self._kept_shared: set[int] = set()  # RoPE tables of this step (shared by all layers)
         self._alpha_t = -1
 
@@ -163,7 +164,7 @@ class TokenwiseExecutor:
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         if not torch.is_grad_enabled():  # nothing is saved for backward: run plainly
             for parts in layers:
-                x_th = run_layer(parts, x_th, ctx)
+                x_th = parts.call(lambda x, parts=parts: run_layer(parts, x, ctx), x_th)
             return x_th
         self.plan.check_layer_count(len(layers))
         self._release_step()
@@ -181,12 +182,22 @@ class TokenwiseExecutor:
                     self.trim_heap()  # layer i-2's saved tensors are free now
                 a = split_row(float(self.alphas[i]), t)  # "auto" was resolved above
                 rows = resolve_tile_rows(layer.tile_rows, t, x_th.shape[1], parts.gate_proj.out_features)
-                x_th = self._forward_offloaded(parts, x_th, ctx, t, a, self.engines[layer.tier], rows)
+                engine = self.engines[layer.tier]
+                x_th = parts.call(
+                    lambda x, parts=parts, a=a, engine=engine, rows=rows: self._forward_offloaded(
+                        parts, x, ctx, t, a, engine, rows
+                    ),
+                    x_th,
+                )
             elif layer.mode == "recompute":
-                x_th = self._forward_recomputed(parts, x_th, ctx, layer.tile_rows)
+                x_th = parts.call(
+                    lambda x, parts=parts, layer=layer: self._forward_recomputed(
+                        parts, x, ctx, layer.tile_rows
+                    ),
+                    x_th,
+                )
             else:
-                with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
-                    x_th = run_layer(parts, x_th, ctx)
+                x_th = parts.call(lambda x, parts=parts: self._forward_kept(parts, x, ctx), x_th)
         self._stats = step_stats(self.plan, self.alphas, self.records, t)
         if self.records:  # the last tokenwise layer's backward follows the layers above it
             self._prefetch(max(self.records))
@@ -211,11 +222,16 @@ class TokenwiseExecutor:
             y_th.register_hook(release)
         return y_th
 
+    def _forward_kept(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
+        self._param_keys = self.param_storages | {storage_key(p) for p in parts.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
+            return run_layer(parts, x_th, ctx)
+
     def _pack_kept(self, tensor: Tensor) -> tuple[Tensor, int | None]:
         """Kept layers: count each saved storage once (a tensor saved by several ops, e.g. the norm
         output read by q, k and v, is held once); parameters and the RoPE tables are resident anyway."""
         key = storage_key(tensor)
-        if key in self._kept_shared or is_param_like(tensor, self.param_storages):
+        if key in self._kept_shared or is_param_like(tensor, self._param_keys):
             return tensor, None
         if key not in self._kept_refs:
             self._device_add(tensor.untyped_storage().nbytes())
@@ -253,6 +269,8 @@ class TokenwiseExecutor:
         )
         rec.tile_rows = tile_rows
         self.records[parts.index] = rec
+        # the parameters' storages as they are now: under sharding, the unsharded copies of this call
+        rec.param_keys = self.param_storages | {storage_key(p) for p in parts.parameters()}
         shared = {storage_key(ctx.cos_td), storage_key(ctx.sin_td)}
         rec.x_whole = self._add_whole(rec, x_th)
 
@@ -338,7 +356,7 @@ class TokenwiseExecutor:
     def _classify(
         self, rec: LayerRecord, segment: str, vkey: tuple, tensor: Tensor, shared: set[int]
     ) -> Slot:
-        if storage_key(tensor) in shared or is_param_like(tensor, self.param_storages):
+        if storage_key(tensor) in shared or is_param_like(tensor, rec.param_keys):
             return Slot("keep", tensor=tensor)
         if segment == "attn":  # classified once the core has returned out and lse
             rec.core_saves.append((vkey, tensor.detach()))
@@ -497,6 +515,8 @@ class TokenwiseExecutor:
         tile backward needs)."""
         self.trim_heap()  # the layer above has finished its backward and freed its tensors
         self._prefetch(rec.index)
+        # reruns save the parameters as they are now (under sharding: unsharded again for backward)
+        rec.param_keys = self.param_storages | {storage_key(p) for p in self._layers[rec.index].parameters()}
         for w in rec.wholes:
             w.value = rec.engine.wait(w.copy)
             w.copy = None
@@ -555,7 +575,14 @@ class TokenwiseExecutor:
             rec.full_rows.append(full)
         rec.rows_rebuilt = True
 
-    def _capture(self, shared: set[int], captured: list[Tensor], alive: list[Tensor], rows: int | None):
+    def _capture(
+        self,
+        rec: LayerRecord,
+        shared: set[int],
+        captured: list[Tensor],
+        alive: list[Tensor],
+        rows: int | None,
+    ):
         """A pack hook for a rerun: appends to ``captured`` what the forward classified as its own
         (not a parameter, not in a ``shared`` storage, each tensor once; with ``rows``: only tensors
         of that many rows) and packs nothing (the rerun's graph is dropped)."""
@@ -563,7 +590,7 @@ class TokenwiseExecutor:
 
         def hook(tensor: Tensor) -> None:
             vkey = view_key(tensor)
-            if vkey in seen or storage_key(tensor) in shared or is_param_like(tensor, self.param_storages):
+            if vkey in seen or storage_key(tensor) in shared or is_param_like(tensor, rec.param_keys):
                 return None
             seen.add(vkey)
             # Detached: autograd keeps this hook (and so ``alive``) referenced from the graph's saved
@@ -603,7 +630,7 @@ class TokenwiseExecutor:
             x_all, o_all, shared = self._rerun_inputs(rec, 0)
             x_in, o_in = x_all[s:e], o_all[s:e]
             with torch.autograd.graph.saved_tensors_hooks(
-                self._capture(shared, captured, alive, None), lambda p: p
+                self._capture(rec, shared, captured, alive, None), lambda p: p
             ):
                 if tile.segment == "pre":
                     parts.pre_attention(x_in, ctx.cos_td[s:e], ctx.sin_td[s:e])
@@ -639,11 +666,11 @@ class TokenwiseExecutor:
                 x_in, o_in, shared = self._rerun_inputs(rec, rec.a)
                 t_tail = rec.t - rec.a
                 with torch.autograd.graph.saved_tensors_hooks(
-                    self._capture(shared, captured["pre"], alive, t_tail), lambda p: p
+                    self._capture(rec, shared, captured["pre"], alive, t_tail), lambda p: p
                 ):
                     q, k, v = parts.pre_attention(x_in, cos, sin)
                 with torch.autograd.graph.saved_tensors_hooks(
-                    self._capture(shared, captured["post"], alive, t_tail), lambda p: p
+                    self._capture(rec, shared, captured["post"], alive, t_tail), lambda p: p
                 ):
                     parts.post_attention(x_in, o_in)
         for name, tensor in (("q", q), ("k", k), ("v", v)):

@@ -307,12 +307,8 @@ def test_plan_file_that_is_not_json_or_missing(tmp_path):
             r"^activation\.link_gbps emulates the link of the tokenwise",
         ),
         (
-            lambda: ActivationConfig(mode="none", tile_rows=64),
-            r"^activation\.tile_rows=64 needs activation\.mode tokenwise or recompute",
-        ),
-        (
-            lambda: ActivationConfig(mode="offload", tile_rows="auto"),
-            r"^activation\.tile_rows=auto needs activation\.mode tokenwise or recompute",
+            lambda: ActivationConfig(mode="none", tile_rows="big"),
+            r"^activation\.tile_rows must be an int >= 0 or 'auto', got 'big'",
         ),
         (
             lambda: ActivationConfig(mode="tokenwise", tile_rows=-1),

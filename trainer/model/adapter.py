@@ -13,11 +13,21 @@ so its ``state_dict`` is the HF one. How the layers run is a pluggable ``LayerEx
 code never branches on a memory feature; ``offload.apply_activation_memory`` swaps the executor.
 The attention core is called through ``LayerContext.attention``, which hands its output and
 logsumexp to the caller: an executor learns them from that call, never from what the core saves.
+
+Module hooks: the executors call a layer's parts, never the HF layer's ``forward``, so every
+executor runs one layer's forward as ``parts.call(fn, x_th)``. That goes through the method
+``LAYER_METHOD`` of the HF decoder layer module, which sharding (parallel/fsdp.py) registers as a
+forward method: its pre-forward hook unshards the layer's parameters, its post-forward hook
+reshards them and hooks the output so that backward unshards them again before the layer's
+backward (and its token-wise rebuild, which runs inside it) and reduce-scatters the gradients once
+the layer's input gradient is done.
 This module imports nothing else of longtrain except the attention and loss modules beside it.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -86,15 +96,27 @@ class _HFCausalLM(Protocol):
     lm_head: nn.Linear
 
 
+LAYER_METHOD = "longtrain_layer"  # the decoder layer's forward as module hooks see it (``LayerParts.call``)
+
+
+def _layer_call(module: nn.Module, fn: Callable[[Tensor], Tensor], x_th: Tensor) -> Tensor:
+    """Bound to every decoder layer as ``LAYER_METHOD``: runs ``fn(x_th)``, one layer's forward."""
+    return fn(x_th)
+
+
 class LayerParts:
     """One HF decoder layer exposed as pre-attention / post-attention row-wise functions.
 
-    Holds references to the layer's submodules (not registered again as modules).
+    Holds references to the layer's submodules (not registered again as modules) and the layer
+    module itself (``module``: what sharding wraps; ``call`` runs a forward through its hooks).
     """
 
     def __init__(self, layer: nn.Module, index: int):
         hf_layer = cast(_HFDecoderLayer, layer)
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.module = layer
+        if not hasattr(layer, LAYER_METHOD):
+            setattr(layer, LAYER_METHOD, types.MethodType(_layer_call, layer))
         self.index = index
         self.input_norm = hf_layer.input_layernorm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
@@ -114,6 +136,14 @@ class LayerParts:
         self.scale = attn.scaling
         self.n_heads = self.q_proj.out_features // self.head_dim
         self.n_kv_heads = self.k_proj.out_features // self.head_dim
+
+    def call(self, fn: Callable[[Tensor], Tensor], x_th: Tensor) -> Tensor:
+        """``fn(x_th)``, one forward of this layer (by any executor), through the layer module's hooks."""
+        return getattr(self.module, LAYER_METHOD)(fn, x_th)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The layer's parameters as they are now (unsharded while inside ``call`` under sharding)."""
+        return list(self.module.parameters())
 
     def pre_attention(self, x_th: Tensor, cos_td: Tensor, sin_td: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t, d = x_th.shape[0], self.head_dim
@@ -148,7 +178,8 @@ class LayerContext:
 
 
 def run_layer(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
-    """The plain layer: pre-attention, attention core, post-attention."""
+    """The plain layer: pre-attention, attention core, post-attention (callers run it inside
+    ``parts.call``)."""
     q, k, v = parts.pre_attention(x_th, ctx.cos_td, ctx.sin_td)
     out_tnd, _lse = ctx.attention(parts, q, k, v)
     return parts.post_attention(x_th, out_tnd)
@@ -176,7 +207,7 @@ class PlainExecutor:
 
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         for parts in layers:
-            x_th = run_layer(parts, x_th, ctx)
+            x_th = parts.call(lambda x, parts=parts: run_layer(parts, x, ctx), x_th)
         return x_th
 
     def stats(self) -> dict[str, float]:
