@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from longtrain.config_checks import ConfigError
@@ -172,9 +172,25 @@ def find_checkpoint(root: Path, step: int | None = None) -> Path:
 RESUME_HINT = "use a new output_dir or checkpoint.resume=never"
 
 
-def load_weights(path: Path, model: nn.Module, model_config: dict[str, Any], hint: str = RESUME_HINT) -> None:
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing memory with another (tied weights copied): what
+    safetensors' ``save_file`` writes."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def load_weights(
+    path: Path, model: nn.Module, model_config: dict[str, Any], hint: str = RESUME_HINT, sharded: bool = False
+) -> None:
     """Load the parameters of checkpoint ``path`` (HF names; tied weights stored once) into
-    ``model``, whose architecture ``model_config`` must be the one the checkpoint was written for."""
+    ``model``, whose architecture ``model_config`` must be the one the checkpoint was written for.
+    ``sharded``: ``model`` is FSDP-sharded; every rank reads the full file and keeps its shards."""
     saved = json.loads((path / "trainer_state.json").read_text()).get("model_config", {})
     if saved != model_config:
         changed = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
@@ -182,7 +198,16 @@ def load_weights(path: Path, model: nn.Module, model_config: dict[str, Any], hin
             f"checkpoint {str(path)!r} was written for a different model (model.{', model.'.join(changed)} differ); "
             f"{hint}"
         )
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if sharded:
+        from longtrain.parallel.fsdp import load_full_model_state
+
+        state = load_file(str(path / "model.safetensors"))
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if not missing and not unexpected:
+            load_full_model_state(model, state)
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -198,14 +223,26 @@ class Restored:
 
 
 class SyncCheckpointer:
-    """Saves on rank 0 (data-parallel replicas hold identical states); every rank loads."""
+    """Saves on rank 0 (data-parallel replicas hold identical states); every rank loads.
 
-    def __init__(self, cfg: CheckpointConfig, output_dir: str, is_main: bool, model_config: dict[str, Any]):
+    Sharded states (``parallel.shard=fsdp``): every rank takes part in gathering the full model and
+    optimizer states (collectives), rank 0 writes them in the same per-parameter format, so a
+    checkpoint resumes on any number of ranks, sharded or not."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        output_dir: str,
+        is_main: bool,
+        model_config: dict[str, Any],
+        sharded: bool = False,
+    ):
         """``model_config``: the architecture (HF config fields) a checkpoint must match to be loaded."""
         self.cfg = cfg
         self.root = Path(cfg.dir or Path(output_dir) / "checkpoints")
         self.is_main = is_main
         self.model_config = model_config
+        self.sharded = sharded
 
     def should_save(self, step: int, total_steps: int) -> bool:
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == total_steps)
@@ -214,14 +251,27 @@ class SyncCheckpointer:
         self, step: int, model: nn.Module, optimizer, scheduler, data_state: dict[str, Any]
     ) -> Path | None:
         final = _step_dir(self.root, step)
+        model_state = optimizer_state = None
+        if self.sharded:  # collectives: every rank gathers, rank 0 writes
+            from longtrain.parallel.fsdp import full_model_state
+
+            model_state = full_model_state(model)
+            optimizer_state = optimizer.state_dict()
         if not self.is_main:
             return final
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        if model_state is not None:
+            save_file(_unshared(model_state), str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+            {
+                "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            tmp / "optimizer.pt",
         )
         state = {
             "step": step,
@@ -266,7 +316,7 @@ class SyncCheckpointer:
         return path
 
     def load(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
-        load_weights(path, model, self.model_config)
+        load_weights(path, model, self.model_config, sharded=self.sharded)
         state = json.loads((path / "trainer_state.json").read_text())
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])

@@ -3,7 +3,7 @@
     apply_activation_memory(model, cfg)   # cfg: ActivationConfig (uniform, or activation.plan=FILE),
                                           # a dict with its keys, or an ActivationPlan (per layer)
     activation_stats(model)               # the executor's statistics of the last step
-    measure(layers, x_th, ctx, store, parameter_storages(model)) -> LayerProfile
+    measure(layers, x_th, ctx, store) -> LayerProfile
 
 ``apply_activation_memory`` swaps the adapted model's ``LayerExecutor``; the model code itself
 never branches on the mode. mode none / recompute / offload run the baselines (the real torch
@@ -118,10 +118,9 @@ def _plan_executor(
             store.close()
         raise
     engines = {tier: build_copy_engine(store, device) for tier, store in stores.items()}
-    params = parameter_storages(lm)
-    executor = TokenwiseExecutor(engines, plan, params, trimmer)
+    executor = TokenwiseExecutor(engines, plan, trimmer)
     if any(layer.mode == "tokenwise" and layer.alpha == "auto" for layer in plan.layers):
-        executor.alpha_resolver = lambda layers, x, ctx: auto_alphas(plan, layers, x, ctx, stores, params)
+        executor.alpha_resolver = lambda layers, x, ctx: auto_alphas(plan, layers, x, ctx, stores)
     return executor
 
 

@@ -47,18 +47,14 @@ class LayerProfile:
     row_bytes_per_token: float  # every other saved tensor, per token row
 
 
-def saved_bytes_per_token(
-    parts: LayerParts, x_th: Tensor, ctx: LayerContext, param_storages: set[int]
-) -> tuple[float, float]:
+def saved_bytes_per_token(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> tuple[float, float]:
     """(whole bytes per token, row bytes per token) of one offloaded layer, on a probe slice."""
     r = min(PROBE_ROWS, x_th.shape[0])
     probe_ctx = dataclasses.replace(
         ctx, cos_td=ctx.cos_td[:r], sin_td=ctx.sin_td[:r], docs=DocSpans.single(r)
     )
     engine = ThreadCopyEngine(HostStore(), torch.device("cpu"))
-    probe = TokenwiseExecutor(
-        {"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)), param_storages
-    )
+    probe = TokenwiseExecutor({"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)))
     try:
         x = x_th[:r].detach().requires_grad_(x_th.is_floating_point())
         whole, rows = parts.call(lambda x: probe.layer_offload_bytes(parts, x, probe_ctx), x)
@@ -99,12 +95,10 @@ def measure(
     x_th: Tensor,
     ctx: LayerContext,
     store: ActivationStore,
-    param_storages: set[int],
 ) -> LayerProfile:
     """Profile the first of ``layers`` on its input ``x_th`` [t, h] (``CausalLM.layer_inputs``
-    gives x_th and ctx), with copies into ``store``. ``param_storages``: the model's parameter
-    storages (``tokenwise.parameter_storages``), which are never counted as activations."""
-    whole_pt, rows_pt = saved_bytes_per_token(layers[0], x_th, ctx, param_storages)
+    gives x_th and ctx), with copies into ``store``."""
+    whole_pt, rows_pt = saved_bytes_per_token(layers[0], x_th, ctx)
     layer_s = layer_forward_seconds(layers[0], x_th, ctx)
     bandwidth = copy_bandwidth(store, int((whole_pt + rows_pt) * x_th.shape[0]), x_th.device)
     return LayerProfile(
@@ -147,7 +141,6 @@ def auto_alphas(
     x_th: Tensor,
     ctx: LayerContext,
     stores: Mapping[str, ActivationStore],
-    param_storages: set[int],
 ) -> tuple[list[float | str], dict[str, LayerProfile]]:
     """alpha="auto" for every tokenwise layer of ``plan`` that asks for it: the layer is measured
     once (on the first tier), the copy bandwidth once per tier. The auto layers of a tier share
@@ -164,7 +157,7 @@ def auto_alphas(
         if not auto:
             continue
         if not profiles:
-            prof = measure(layers, x_th, ctx, stores[tier], param_storages)
+            prof = measure(layers, x_th, ctx, stores[tier])
         else:  # the layer's bytes and time are the same on every tier; the link is not
             first = next(iter(profiles.values()))
             layer_bytes = int((first.whole_bytes_per_token + first.row_bytes_per_token) * t)

@@ -23,8 +23,15 @@ def storage_key(t: Tensor) -> int:
 
 
 def parameter_storages(model: torch.nn.Module) -> set[int]:
-    """Storage keys of ``model``'s parameters: a saved tensor in one of them is never an activation."""
-    return {storage_key(p) for p in model.parameters()}
+    """Storage keys of ``model``'s parameters: a saved tensor in one of them is never an activation.
+    A sharded parameter (DTensor) counts by its local shard; its unsharded copy, which is what a
+    layer saves, is counted when the layer runs (``LayerParts.parameters`` inside ``call``)."""
+    return {storage_key(_local(p)) for p in model.parameters()}
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)  # a DTensor: its shard on this rank
+    return to_local() if to_local is not None else t
 
 
 def view_key(t: Tensor) -> tuple:

@@ -87,7 +87,6 @@ class TokenwiseExecutor:
         self,
         engines: Mapping[str, Any],
         plan: ActivationPlan,
-        param_storages: set[int],
         trim_heap: HeapTrimmer | None = None,
     ):
         missing = set(plan.tiers()) - set(engines)
@@ -99,7 +98,6 @@ class TokenwiseExecutor:
         self.alphas: list[float | str] = [layer.alpha for layer in plan.layers]  # "auto" until resolved
         self.alpha_resolver: AlphaResolver | None = None
         self.profiles: dict[str, LayerProfile] = {}  # what alpha_resolver last measured, per tier
-        self.param_storages = param_storages
         self.records: dict[int, LayerRecord] = {}
         self._layers: list[LayerParts] = []
         self._ctx: LayerContext | None = None
@@ -108,7 +106,7 @@ class TokenwiseExecutor:
         self._device_peak = 0
         self._step = 0  # forwards run: a recompute layer's hook frees its input only in its own step
         self._kept_refs: dict[int, int] = {}  # kept layers: saved storage -> packs not yet unpacked
-        self._param_keys = param_storages  # kept layers: the running layer's parameter storages
+        self._param_keys: set[int] = set()  # kept layers: the running layer's parameter storages
         self._kept_shared: set[int] = set()  # RoPE tables of this step (shared by all layers)
         self._alpha_t = -1
 
@@ -223,7 +221,7 @@ class TokenwiseExecutor:
         return y_th
 
     def _forward_kept(self, parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> Tensor:
-        self._param_keys = self.param_storages | {storage_key(p) for p in parts.parameters()}
+        self._param_keys = parameter_storages(parts.module)
         with torch.autograd.graph.saved_tensors_hooks(self._pack_kept, self._unpack_kept):
             return run_layer(parts, x_th, ctx)
 
@@ -269,8 +267,9 @@ class TokenwiseExecutor:
         )
         rec.tile_rows = tile_rows
         self.records[parts.index] = rec
-        # the parameters' storages as they are now: under sharding, the unsharded copies of this call
-        rec.param_keys = self.param_storages | {storage_key(p) for p in parts.parameters()}
+        # The layer's parameter storages as they are now (never stale keys: under sharding the unsharded
+        # copies of this call, whose memory is freed after it and may then hold activations).
+        rec.param_keys = parameter_storages(parts.module)
         shared = {storage_key(ctx.cos_td), storage_key(ctx.sin_td)}
         rec.x_whole = self._add_whole(rec, x_th)
 
@@ -516,7 +515,7 @@ class TokenwiseExecutor:
         self.trim_heap()  # the layer above has finished its backward and freed its tensors
         self._prefetch(rec.index)
         # reruns save the parameters as they are now (under sharding: unsharded again for backward)
-        rec.param_keys = self.param_storages | {storage_key(p) for p in self._layers[rec.index].parameters()}
+        rec.param_keys = parameter_storages(self._layers[rec.index].module)
         for w in rec.wholes:
             w.value = rec.engine.wait(w.copy)
             w.copy = None

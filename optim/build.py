@@ -12,7 +12,7 @@ import math
 import shutil
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -29,12 +29,15 @@ from .cpu_adam import resolve_cpu_impl
 from .placement import Placement, place_subgroups, split_subgroups
 from .tiers import node_free_bytes, resolve_cxl_node
 
+if TYPE_CHECKING:
+    from longtrain.parallel.fsdp import ShardedParams
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     """Decay matrices; never decay norms, biases or other 1-D parameters."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -76,6 +79,7 @@ def build_optimizer(
     overlap_backward: bool = True,
     placement: Placement | None = None,
     backward_s: float = 0.0,
+    shards: ShardedParams | None = None,
 ) -> OptimizerContainer:
     """The container over ``model``'s trainable parameters.
 
@@ -83,10 +87,11 @@ def build_optimizer(
     parallelism: gradients are final only after their sync). ``placement``: the tier of each
     sub-group (a solver's answer), instead of the rule of ``place_subgroups`` for ``cfg.offload``.
     ``backward_s``: the expected time of the last backward, which staged reads can hide behind (the
-    auto placement's cost model; 0: nothing hides behind backward).
+    auto placement's cost model; 0: nothing hides behind backward). ``shards``: the model is sharded
+    (parallel/fsdp.py); the container updates these local shards.
     """
-    groups = param_groups(model, cfg.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = shards.local if shards is not None else [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(params, cfg.weight_decay)
     if not params:
         raise ValueError("the model has no trainable parameters")
     subgroups = [
@@ -133,7 +138,8 @@ def build_optimizer(
         cfg,
         cpu_impl=cpu_impl,
         cxl_node=cxl_node,
-        overlap_backward=overlap_backward,
+        overlap_backward=overlap_backward and shards is None,  # sharded gradients arrive after reduce-scatter
+        shards=shards,
     )
 
 

@@ -52,7 +52,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,9 @@ from .readiness import GradientReadiness
 from .staging import Staging
 from .subgroup import SubGroup, build_subgroup, work_buffer
 from .tiers import CxlTier, NvmeTier, StagedTier
+
+if TYPE_CHECKING:
+    from longtrain.parallel.fsdp import ShardedParams
 
 
 class OptimizerContainer(torch.optim.Optimizer):
@@ -81,8 +84,10 @@ class OptimizerContainer(torch.optim.Optimizer):
         cpu_impl: str = "torch",
         cxl_node: int | None = None,
         overlap_backward: bool = True,
+        shards: ShardedParams | None = None,
     ):
         super().__init__(groups, defaults)
+        self._shards = shards  # FSDP: the parameters are local shards (parallel/fsdp.py)
         self.name = cfg.name
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else None
         self.cpu_impl = cpu_impl
@@ -203,6 +208,8 @@ class OptimizerContainer(torch.optim.Optimizer):
             raise TypeError("the optimizer container does not take a closure")
         start = time.perf_counter()
         overlapped, done = len(self._norms), False
+        if self._shards is not None:
+            self._shards.pull_grads()
         try:
             for g in self._order:
                 if g not in self._norms:
@@ -213,6 +220,8 @@ class OptimizerContainer(torch.optim.Optimizer):
                 if norms
                 else torch.zeros((), device=self.device)
             )
+            if self._shards is not None:  # the norm of the full gradients: sum the shards' squares
+                total = self._shards.all_reduce_sum(total.square()).sqrt()
             coef = None
             if self.max_norm is not None:
                 coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
@@ -236,6 +245,11 @@ class OptimizerContainer(torch.optim.Optimizer):
         }
         self._exposed_s = self._update_s = 0.0
         return float(total.item())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._shards is not None:
+            self._shards.drop_grads()
 
     def clip_and_step(self) -> float:
         """``step()`` then ``zero_grad()``: the global gradient norm before clipping."""
@@ -297,7 +311,7 @@ class OptimizerContainer(torch.optim.Optimizer):
                     step = st.get("step", None)
                     if not st or (step is not None and float(step) == 0):
                         continue  # never updated: torch keeps no state either
-                    entry = {k: v.clone() for k, v in st.items() if isinstance(v, Tensor)}
+                    entry = {k: self._full(p, v).clone() for k, v in st.items() if isinstance(v, Tensor)}
                     if "step" in st:
                         entry["step"] = torch.tensor(float(step), dtype=torch.float32)
                     state[index[p]] = entry
@@ -323,7 +337,22 @@ class OptimizerContainer(torch.optim.Optimizer):
         for g in self._groups:
             with self._state_of(g, write=True):
                 for p, w in zip(g.params, g.work, strict=True):
-                    self._load_entry(g, w, state_dict["state"].get(saved_index[p]))
+                    entry = state_dict["state"].get(saved_index[p])
+                    if entry is not None and self._shards is not None:
+                        entry = {k: self._shard(p, v) for k, v in entry.items()}
+                    self._load_entry(g, w, entry)
+
+    def _full(self, p: Tensor, value: Tensor) -> Tensor:
+        """A parameter's state as saved: under FSDP the full tensor gathered from the shards (a
+        collective: ``state_dict`` runs on every rank), else ``value``."""
+        if self._shards is None or value.dim() == 0:
+            return value
+        return self._shards.full(p, value)
+
+    def _shard(self, p: Tensor, value: Tensor) -> Tensor:
+        if self._shards is None or value.dim() == 0:
+            return value
+        return self._shards.shard(p, value)
 
     def _load_entry(self, g: SubGroup, w: Tensor, entry: dict[str, Any] | None) -> None:
         st = g.inner.state[w]

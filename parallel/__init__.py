@@ -1,4 +1,5 @@
-"""Parallel layout: the mesh, gradient sync (plain data parallelism for now).
+"""Parallel layout: the mesh (a named ("dp", "cp") DeviceMesh), how model states are held over the
+data-parallel ranks (``apply_sharding``: replicated, or FSDP2 in fsdp.py), gradient sync.
 
 Hybrid data/context parallelism with ring attention plugs in here as attention cores that
 satisfy the adapter's interface, injected by the trainer.
@@ -6,11 +7,15 @@ satisfy the adapter's interface, injected by the trainer.
 
 from .config import ParallelConfig
 from .mesh import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
+from .sharding import GradientSync, Sharding, apply_sharding
 
 __all__ = [
+    "GradientSync",
     "Mesh",
     "ParallelConfig",
+    "Sharding",
     "all_reduce_sum",
+    "apply_sharding",
     "broadcast_object",
     "init_mesh",
     "shutdown",

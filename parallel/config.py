@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from longtrain.config_checks import ConfigError, check_fields, option
 
 BACKENDS = ("auto", "gloo", "nccl")
+SHARDING = ("none", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -15,14 +16,23 @@ class ParallelConfig:
     context_parallel: ranks that share one long document (ring attention); 1 until the parallel
         package lands.
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
+    shard: how model states are held over the data-parallel ranks: none (replicated; gradients
+        all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3;
+        parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine: not built yet).
     """
 
     data_parallel: int = -1
     context_parallel: int = option(1, min=1)
     backend: str = option("auto", choices=BACKENDS)
+    shard: str = option("none", choices=SHARDING)
 
     def __post_init__(self) -> None:
         check_fields(self, "parallel")
+        if self.shard == "deepspeed":
+            raise ConfigError(
+                "parallel.shard=deepspeed (a DeepSpeed ZeRO-3 engine) is not available yet; use parallel.shard=fsdp "
+                "(FSDP2, the same ZeRO-3 sharding) or none"
+            )
         if self.data_parallel != -1 and self.data_parallel < 1:
             raise ConfigError(
                 f"parallel.data_parallel must be -1 (world size) or a positive int, got {self.data_parallel}"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from longtrain.config_checks import ConfigError
 
@@ -18,13 +19,20 @@ from .config import ParallelConfig
 
 @dataclass
 class Mesh:
-    """rank/world_size over all processes; dp_rank/dp_size along the data-parallel axis."""
+    """rank/world_size over all processes; dp_rank/dp_size along the data-parallel axis.
+    ``device_mesh``: the named layout ("dp", "cp") of a distributed job (None in one process); its
+    process groups are what collectives are given (``dp_group``; the world group for job totals)."""
 
     rank: int
     world_size: int
     dp_rank: int
     dp_size: int
     device: torch.device
+    device_mesh: DeviceMesh | None = None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return None if self.device_mesh is None else self.device_mesh.get_group("dp")
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +64,19 @@ def init_mesh(cfg: ParallelConfig, device_name: str) -> Mesh:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     dp_size = cfg.resolve_data_parallel(world_size)
-    return Mesh(rank=rank, world_size=world_size, dp_rank=rank % dp_size, dp_size=dp_size, device=device)
+    device_mesh = None
+    if world_size > 1:
+        device_mesh = init_device_mesh(
+            device.type, (dp_size, cfg.context_parallel), mesh_dim_names=("dp", "cp")
+        )
+    return Mesh(
+        rank=rank,
+        world_size=world_size,
+        dp_rank=rank % dp_size,
+        dp_size=dp_size,
+        device=device,
+        device_mesh=device_mesh,
+    )
 
 
 def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
@@ -66,7 +86,7 @@ def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
     t = torch.tensor(
         [float(value)], dtype=torch.float64, device=mesh.device if mesh.device.type == "cuda" else "cpu"
     )
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=dist.group.WORLD)
     return t.item()
 
 
@@ -75,7 +95,7 @@ def broadcast_object(obj: Any, mesh: Mesh, src: int = 0) -> Any:
     if not mesh.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=dist.group.WORLD)
     return box[0]
 
 
@@ -91,7 +111,7 @@ def sync_gradients(model: nn.Module, mesh: Mesh, bucket_bytes: int = 25 * 2**20)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     for bucket in _buckets(grads, bucket_bytes):
         flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=mesh.dp_group)
         offset = 0
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -110,6 +130,20 @@ def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Te
         buckets[-1].append(g)
         size += nbytes
     return buckets
+
+
+class ReplicatedGradientSync:
+    """Replicated model states (``parallel.shard=none``): gradients summed over the data-parallel
+    ranks after a step's last backward (``sync_gradients``)."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh):
+        self.model, self.mesh = model, mesh
+
+    def before_backward(self, last: bool) -> None:
+        """Nothing: gradients accumulate locally until the step's sync."""
+
+    def after_backward(self) -> None:
+        sync_gradients(self.model, self.mesh)
 
 
 def shutdown(mesh: Mesh) -> None:

@@ -25,7 +25,15 @@ from longtrain.checkpoint import CheckpointError, SyncCheckpointer
 from longtrain.offload import apply_activation_memory
 from longtrain.optim import OptimizerContainer, build_scheduler
 from longtrain.optim import build_optimizer as make_optimizer
-from longtrain.parallel import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
+from longtrain.parallel import (
+    Mesh,
+    Sharding,
+    all_reduce_sum,
+    apply_sharding,
+    broadcast_object,
+    init_mesh,
+    shutdown,
+)
 from longtrain.trainer.data import (
     IGNORE_INDEX,
     MicroBatch,
@@ -122,9 +130,14 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     return apply_activation_memory(model, activation)
 
 
-def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM):
-    # Under data parallelism gradients are final only after sync_gradients: no update during backward.
-    optimizer = make_optimizer(model, cfg.optim, overlap_backward=mesh.dp_size == 1)
+def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding):
+    # Under data parallelism gradients are final only after their sync: no update during backward.
+    optimizer = make_optimizer(
+        model,
+        cfg.optim,
+        overlap_backward=mesh.dp_size == 1,
+        shards=sharding.shards,  # type: ignore[arg-type]  # a ShardedParams or None
+    )
     return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
 
@@ -144,8 +157,10 @@ def architecture(model: CausalLM) -> dict[str, Any]:
     }
 
 
-def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> SyncCheckpointer:
-    return SyncCheckpointer(cfg.checkpoint, cfg.output_dir, mesh.is_main, architecture(model))
+def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding) -> SyncCheckpointer:
+    return SyncCheckpointer(
+        cfg.checkpoint, cfg.output_dir, mesh.is_main, architecture(model), sharded=sharding.sharded
+    )
 
 
 @dataclass
@@ -165,6 +180,7 @@ class Job:
     tokenizer: Tokenizer
     loader: PackedLoader
     model: CausalLM
+    sharding: Sharding
     optimizer: OptimizerContainer
     scheduler: Any
     checkpointer: SyncCheckpointer
@@ -191,12 +207,14 @@ class Job:
                     doc_spans=mb.doc_spans,
                     loss_normalizer=max(num_tokens, 1),
                 )
-            if i == len(micro_batches) - 1:
+            last = i == len(micro_batches) - 1
+            if last:
                 self.optimizer.before_last_backward()  # its gradients are final: updates may start
+            self.sharding.grad_sync.before_backward(last)
             out.loss.backward()
             loss_sum += out.loss_sum.item()
             flops += self._flops(mb)
-        sync_gradients(model, mesh)
+        self.sharding.grad_sync.after_backward()
         lr = self.optimizer.param_groups[0]["lr"]  # before scheduler.step() moves it to the next step's
         grad_norm = self.optimizer.clip_and_step()  # clip to optim.grad_clip, update, drop the gradients
         self.scheduler.step()
@@ -349,8 +367,9 @@ def prepare(cfg: JobConfig) -> Job:
     mesh = init_mesh(cfg.parallel, cfg.train.device)
     tokenizer, loader, val_rows = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
-    optimizer, scheduler = build_optimizer(cfg, mesh, model)
-    checkpointer = build_checkpointer(cfg, mesh, model)
+    sharding = apply_sharding(cfg.parallel, model, mesh)
+    optimizer, scheduler = build_optimizer(cfg, mesh, model, sharding)
+    checkpointer = build_checkpointer(cfg, mesh, model, sharding)
     start_step = 0
     # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.
     resume_from = broadcast_object(checkpointer.find_resume() if mesh.is_main else None, mesh)
@@ -368,7 +387,19 @@ def prepare(cfg: JobConfig) -> Job:
     if mesh.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-    return Job(cfg, mesh, tokenizer, loader, model, optimizer, scheduler, checkpointer, start_step, val_rows)
+    return Job(
+        cfg,
+        mesh,
+        tokenizer,
+        loader,
+        model,
+        sharding,
+        optimizer,
+        scheduler,
+        checkpointer,
+        start_step,
+        val_rows,
+    )
 
 
 def train(cfg: JobConfig) -> list[dict[str, Any]]:

@@ -151,7 +151,7 @@ def test_host_bytes_match_the_skeletal_formula(case):
     # The byte formula of cost.py and the runtime probe (profile.measure) agree with it.
     assert cost.offloaded_bytes(t * whole, t * rows, alpha, t, n_off) == expected
     x, ctx = model.layer_inputs(ids)
-    prof = profile.measure(model.layer_parts, x, ctx, store.HostStore(), parameter_storages(model))
+    prof = profile.measure(model.layer_parts, x, ctx, store.HostStore())
     assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     close(model)
 
