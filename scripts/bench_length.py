@@ -31,9 +31,10 @@ The ALST stack (DeepSpeed/ArcticTraining's recipe on one device, built by ``buil
   to each layer's ``mlp`` instance, so an unpatched model in the same process stays unpatched;
 * DeepSpeed's ``TiledFusedLogitsLoss`` on the final hidden states (``model.model(...)`` then the
   tiled loss: the full logits never exist), each shard's summed cross-entropy divided by the
-  token count inside the shard function (see ``tiled_loss`` for why not after). Its shard
-  count makes shards of ``LOSS_CHUNK_ROWS`` rows, the chunk of ours' chunked cross-entropy
-  (ArcticTraining sizes shards at 1 GiB of fp32 logits, which at this vocabulary is one shard);
+  token count inside the shard function (see ``tiled_loss`` for why not after). Its shards have
+  ``--loss-chunk-rows`` rows (default 1024), the chunk ours' chunked cross-entropy is given too
+  (ArcticTraining sizes shards at 1 GiB of fp32 logits, at this vocabulary 64K rows: one shard,
+  so the loss's transient would grow with every length measured);
 * no ZeRO-3 / optimizer offload: one process, and the benchmark measures one forward+backward.
 
 Fairness, the same for every system:
@@ -45,8 +46,9 @@ Fairness, the same for every system:
   threshold; every worker gets the same environment and imports the same modules (DeepSpeed's
   included), so the fixed footprints differ only by what each system builds.
 * Memory per token: each system's peak RSS during one step above its RSS after building (before
-  its first step), at ``--slope-lengths`` (>= 3, each in a fresh process); the slope of a linear
-  least-squares fit is the growth per token, the intercept the per-step fixed part (gradients).
+  its first step), at ``--slope-lengths`` (>= 3, each in a fresh process, none below the loss
+  chunk, whose transient is then the same at every length); the slope of a linear least-squares
+  fit is the growth per token, the intercept the per-step fixed part (gradients, one loss chunk).
 * Longest sequence: one training step per length, each in a fresh process, doubling until a length
   does not fit (no cap), then bisection to ``--resolution``; a length fails when the process's peak
   RSS passes ``--budget-gib`` (a watchdog stops it early). The true answer lies in
@@ -278,22 +280,24 @@ def build_hf(spec: dict, seq_len: int):
     return build_hf_model(sizes, vocab_size=VOCAB, seq_len=seq_len, dtype=torch.float32)
 
 
-def build_system(system: str, spec: dict, seq_len: int, activation: dict | None):
-    """(the system, the token ids [1, seq_len]); ``activation`` is None for alst."""
+def build_system(system: str, spec: dict, seq_len: int, activation: dict | None, loss_chunk_rows: int):
+    """(the system, the token ids [1, seq_len]); ``activation`` is None for alst. Both losses walk
+    the rows in chunks of ``loss_chunk_rows``."""
     import deepspeed.runtime.sequence_parallel.ulysses_sp  # noqa: F401  (every worker imports the same)
     import torch
 
     from longtrain.offload import apply_activation_memory
     from longtrain.trainer.model.adapter import adapt
-    from longtrain.trainer.model.loss import LOSS_CHUNK_ROWS
 
     torch.set_num_threads(TORCH_THREADS)
     hf = build_hf(spec, seq_len)
     model: AlstStack | Ours
     if system == "alst":
-        model = AlstStack(hf, trim_heap=True, loss_chunk_rows=LOSS_CHUNK_ROWS)
+        model = AlstStack(hf, trim_heap=True, loss_chunk_rows=loss_chunk_rows)
     else:
-        model = Ours(apply_activation_memory(adapt(hf, "cpu_flash"), activation))
+        lm = apply_activation_memory(adapt(hf, "cpu_flash"), activation)
+        lm.loss_chunk_rows = loss_chunk_rows
+        model = Ours(lm)
     ids_bs = torch.randint(0, VOCAB, (1, seq_len), generator=torch.Generator().manual_seed(1))
     return model, ids_bs
 
@@ -353,7 +357,9 @@ def probe(job: dict) -> None:
     budget = job.get("budget")
     if budget is not None:
         start_rss_watchdog(budget)
-    model, ids_bs = build_system(job["system"], job["spec"], job["seq_len"], job["activation"])
+    model, ids_bs = build_system(
+        job["system"], job["spec"], job["seq_len"], job["activation"], job["loss_chunk_rows"]
+    )
     rss_built = psutil.Process().memory_info().rss
     exact = reset_step_peak()
     step = _step(model, ids_bs)
@@ -368,7 +374,9 @@ def worker(job: dict) -> None:
     """Timing worker: build, then one command per stdin line: step (timed), done."""
     import psutil
 
-    model, ids_bs = build_system(job["system"], job["spec"], job["seq_len"], job["activation"])
+    model, ids_bs = build_system(
+        job["system"], job["spec"], job["seq_len"], job["activation"], job["loss_chunk_rows"]
+    )
     emit({"event": "ready", "rss_built": psutil.Process().memory_info().rss})
     for line in sys.stdin:
         if line.strip() != "step":
@@ -387,7 +395,9 @@ def calibrate_link(job: dict) -> None:
     from longtrain.offload import measure, parameter_storages
     from longtrain.offload.store import HostStore
 
-    model, ids_bs = build_system("ours_auto", job["spec"], job["seq_len"], job["activation"])
+    model, ids_bs = build_system(
+        "ours_auto", job["spec"], job["seq_len"], job["activation"], job["loss_chunk_rows"]
+    )
     lm = model.lm
     with torch.no_grad():
         x_th, ctx = lm.layer_inputs(ids_bs, torch.arange(ids_bs.shape[1])[None])
@@ -457,7 +467,13 @@ def _job(system: str, seq_len: int, args, spec: dict | None = None, link_gbps: f
     activation = (
         None if system == "alst" else activation_cfg(system, args.tile_rows, args.file_dir, link_gbps)
     )
-    return {"system": system, "spec": spec or args.spec, "seq_len": seq_len, "activation": activation}
+    return {
+        "system": system,
+        "spec": spec or args.spec,
+        "seq_len": seq_len,
+        "activation": activation,
+        "loss_chunk_rows": args.loss_chunk_rows,
+    }
 
 
 def run_probe(job: dict, args) -> dict:
@@ -713,6 +729,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="calibrate",
         help="emulated link GB/s, or 'calibrate' (alpha 0.5's copy = one layer forward)",
     )
+    parser.add_argument(
+        "--loss-chunk-rows",
+        type=int,
+        default=1024,
+        help="rows per loss chunk/shard of every system (the slope lengths must be >= it)",
+    )
     for key in ("hidden", "intermediate", "heads", "kv_heads", "layers"):
         parser.add_argument(
             f"--{key.replace('_', '-')}", type=int, default=None, help=f"model {key} override"
@@ -722,9 +744,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.spec = {k: getattr(args, k) or v for k, v in (QUICK_MODEL if q else FULL_MODEL).items()}
     args.spec_search = {**args.spec, "layers": args.search_layers or args.spec["layers"]}
     args.budget = int((args.budget_gib or (0.75 if q else 1.5)) * 2**30)
-    args.slope_lengths = args.slope_lengths or ([512, 1024, 2048] if q else [2048, 4096, 8192])
+    args.slope_lengths = args.slope_lengths or ([1024, 2048, 3072] if q else [2048, 4096, 8192])
     if len(set(args.slope_lengths)) < 3:
         parser.error(f"--slope-lengths needs >= 3 distinct lengths, got {args.slope_lengths}")
+    if args.slope_lengths[0] < args.loss_chunk_rows:  # below it the loss's chunk grows with the length
+        parser.error(
+            f"--slope-lengths must be >= --loss-chunk-rows ({args.loss_chunk_rows}), got {args.slope_lengths}"
+        )
     args.resolution = args.resolution or 512
     args.search_start = args.search_start or 1024
     args.time_steps = args.time_steps or (3 if q else 5)
