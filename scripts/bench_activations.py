@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -59,8 +57,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from bench_common import (
+    ask,
+    code_version,
+    emit,
+    gib,
+    mib,
+    paired,
+    peak_rss,
+    read,
+    search_lengths,
+    spawn,
+    start_rss_watchdog,
+    table_header,
+)
 
 VOCAB = 4096
 TORCH_THREADS = 2
@@ -71,7 +83,6 @@ TIMING_SYSTEMS = ("none", "checkpoint", "save_on_cpu", "tokenwise", "tokenwise_m
 SEARCH_SYSTEMS = ("checkpoint", "tokenwise_file")
 CANDIDATE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CANDIDATE_KEEP_LAST = (0, 1, 2)
-SEARCH_LIMIT = 1 << 21  # a safety stop for the doubling, far above any length these machines reach
 
 
 def model_spec(num_layers: int, hidden: int = 128) -> dict:
@@ -169,16 +180,6 @@ def _device_bytes_step(model, ids_bs) -> int:
 MEDIAN_KEYS = ("step_s", "fwd_s", "bwd_s", "user_s", "sys_s", "minor_faults")
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _emit(obj: dict) -> None:
-    print("@@" + json.dumps(obj), flush=True)
-
-
 def worker(job: dict) -> None:
     """Timing worker: build, then one command per stdin line: step (timed), bytes (counted), done."""
     import psutil
@@ -186,18 +187,18 @@ def worker(job: dict) -> None:
     from longtrain.offload import activation_stats
 
     model, ids_bs = _build(job["spec"], job["seq_len"], job["activation"])
-    _emit({"event": "ready", "rss_built": psutil.Process().memory_info().rss})
+    emit({"event": "ready", "rss_built": psutil.Process().memory_info().rss})
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
-            _emit({"event": "step", **_step(model, ids_bs)})
+            emit({"event": "step", **_step(model, ids_bs)})
         elif command == "bytes":
-            _emit({"event": "bytes", "device_bytes": _device_bytes_step(model, ids_bs)})
+            emit({"event": "bytes", "device_bytes": _device_bytes_step(model, ids_bs)})
         else:
             break
     stats = activation_stats(model)
     model.layer_executor.close()  # the file tier deletes its file
-    _emit({"event": "done", "peak_rss": _peak_rss(), "activation": stats})
+    emit({"event": "done", "peak_rss": peak_rss(), "activation": stats})
 
 
 def calibrate_worker(job: dict) -> None:
@@ -211,61 +212,30 @@ def calibrate_worker(job: dict) -> None:
         _step(model, ids_bs)  # warm-up: alpha auto, first-touch allocations
         out.append(_device_bytes_step(model, ids_bs))
     model.layer_executor.close()
-    _emit({"device_bytes": out})
+    emit({"device_bytes": out})
 
 
 def probe(job: dict) -> None:
     """Length-search probe: one training step; fails when RSS passes the budget (watchdog stops early)."""
-    import psutil
-
-    budget, proc = job["budget"], psutil.Process()
-
-    def watchdog() -> None:
-        while True:
-            rss = proc.memory_info().rss
-            if rss > budget:
-                _emit({"fits": False, "rss": rss, "stopped_early": True})
-                os._exit(0)
-            time.sleep(0.01)
-
-    threading.Thread(target=watchdog, daemon=True).start()
+    budget = job["budget"]
+    start_rss_watchdog(budget)
     model, ids_bs = _build(job["spec"], job["seq_len"], job["activation"])
     step = _step(model, ids_bs)
-    peak = _peak_rss()
-    _emit({"fits": peak <= budget, "rss": peak, **step})
+    peak = peak_rss()
+    emit({"fits": peak <= budget, "rss": peak, **step})
 
 
 # ------------------------------------------------------------------------------------ parent side
 def _spawn(mode: str, job: dict, args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), mode, json.dumps(job)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=args.log,
-        text=True,
-        bufsize=1,
-        env=args.env,
-    )
+    return spawn(__file__, mode, job, args.log, args.env)
 
 
 def _read(proc: subprocess.Popen, what: str, args) -> dict:
-    assert proc.stdout is not None  # _spawn pipes it
-    for line in proc.stdout:
-        if line.startswith("@@"):
-            return json.loads(line[2:])
-    rc = proc.wait()
-    args.log.flush()
-    args.log.seek(0)
-    raise RuntimeError(
-        f"{what}: worker exited (rc={rc}) without a result; stderr ends with:\n{args.log.read()[-4000:]}"
-    )
+    return read(proc, what, args.log)
 
 
 def _ask(proc: subprocess.Popen, command: str, what: str, args) -> dict:
-    assert proc.stdin is not None  # _spawn pipes it
-    proc.stdin.write(command + "\n")
-    proc.stdin.flush()
-    return _read(proc, what, args)
+    return ask(proc, command, what, args.log)
 
 
 def calibrate_matched(args) -> dict:
@@ -298,8 +268,8 @@ def calibrate_matched(args) -> dict:
     )
     print(
         f"  matched memory at {args.calib_len} tokens ({time.perf_counter() - t0:.0f} s): checkpoint "
-        f"{_mib(budget)} MiB; chosen alpha {chosen['alpha']}, keep_last {chosen['keep_last']} "
-        f"({_mib(chosen['device_bytes'])} MiB{'' if within else ', none fits: the smallest'})",
+        f"{mib(budget)} MiB; chosen alpha {chosen['alpha']}, keep_last {chosen['keep_last']} "
+        f"({mib(chosen['device_bytes'])} MiB{'' if within else ', none fits: the smallest'})",
         flush=True,
     )
     return {
@@ -378,81 +348,13 @@ def search_max_len(system: str, args) -> dict:
             proc.wait()
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         print(
-            f"  {system:<16} {seq_len:>7}: {'fits' if r['fits'] else 'over'} (peak RSS {_gib(r['rss'])} GiB, {r['wall_s']} s)",
+            f"  {system:<16} {seq_len:>7}: {'fits' if r['fits'] else 'over'} (peak RSS {gib(r['rss'])} GiB, {r['wall_s']} s)",
             flush=True,
         )
         return r["fits"]
 
-    lo, hi, s = 0, None, args.search_start
-    while s <= SEARCH_LIMIT:  # doubling, until a length does not fit
-        if not fits(s):
-            hi = s
-            break
-        lo, s = s, 2 * s
-    while hi is not None and hi - lo > args.resolution:  # bisection on multiples of the resolution
-        mid = (lo + hi) // 2 // args.resolution * args.resolution
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"max_len": lo, "unbounded": hi is None, "tried": {str(k): v for k, v in sorted(tried.items())}}
-
-
-# ------------------------------------------------------------------------------------ statistics
-def median_interval(values: list[float], coverage: float = 0.90) -> tuple[float, float, float]:
-    """(low, high, achieved coverage): the narrowest symmetric order-statistic interval for the median
-    whose binomial coverage is >= ``coverage``; min..max (with its smaller coverage) if none is."""
-    xs, n = sorted(values), len(values)
-
-    def cov(j: int) -> float:  # P(x_(j) <= median <= x_(n+1-j)), 1-based j
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2**n
-
-    best = 1
-    for j in range(1, n // 2 + 1):
-        if cov(j) >= coverage:
-            best = j
-    return xs[best - 1], xs[n - best], cov(best)
-
-
-def paired(ours: list[float], peer: list[float], target: float) -> dict:
-    ratios = [a / b for a, b in zip(ours, peer, strict=True)]
-    lo, hi, cov = median_interval(ratios)
-    verdict = "at the threshold" if lo <= target <= hi else ("hit" if hi < target else "miss")
-    return {
-        "median": statistics.median(ratios),
-        "low": lo,
-        "high": hi,
-        "coverage": cov,
-        "n": len(ratios),
-        "target": target,
-        "verdict": verdict,
-        "per_step": [round(r, 3) for r in ratios],
-    }
-
-
-# ------------------------------------------------------------------------------------ report
-def _code_version() -> str:
-    """git HEAD plus a hash of the measured packages' sources (others may commit while this runs)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    digest = hashlib.sha1()
-    for sub in ("offload", os.path.join("trainer", "model")):
-        for name in sorted(os.listdir(os.path.join(root, sub))):
-            if name.endswith(".py"):
-                with open(os.path.join(root, sub, name), "rb") as f:
-                    digest.update(f.read())
-    return f"{head.stdout.strip() or 'unknown'}+src:{digest.hexdigest()[:10]}"
-
-
-def _table_header(cols: list[str]) -> None:
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f}"
+    lo, unbounded = search_lengths(fits, args.search_start, args.resolution)
+    return {"max_len": lo, "unbounded": unbounded, "tried": {str(k): v for k, v in sorted(tried.items())}}
 
 
 def time_ratios(t: dict, targets: dict) -> dict:
@@ -501,7 +403,7 @@ def report(timing: dict, search: dict, args) -> dict:
         "peak RSS GiB",
         "loss",
     ]
-    _table_header(cols)
+    table_header(cols)
     for n in lengths:
         t = timing[n]
         for s in TIMING_SYSTEMS:
@@ -509,11 +411,11 @@ def report(timing: dict, search: dict, args) -> dict:
             print(
                 f"| {n} | {s} | {r['step_s']:.2f} | {r['fwd_s']:.2f} | {r['bwd_s']:.2f} | {r['user_s']:.1f} | {r['sys_s']:.1f} "
                 f"| {r['minor_faults'] / 1e3:.0f}k | {r['step_s'] / t['none']['step_s']:.2f} "
-                f"| {r['step_s'] / t['checkpoint']['step_s']:.2f} | {_mib(r['device_bytes'])} | {_gib(r['rss_built'])} "
-                f"| {_gib(r['peak_rss'])} | {r['loss']:.6f} |"
+                f"| {r['step_s'] / t['checkpoint']['step_s']:.2f} | {mib(r['device_bytes'])} | {gib(r['rss_built'])} "
+                f"| {gib(r['peak_rss'])} | {r['loss']:.6f} |"
             )
     print("\n### Ours: executor statistics of the last step\n")
-    _table_header(
+    table_header(
         [
             "len",
             "system",
@@ -533,7 +435,7 @@ def report(timing: dict, search: dict, args) -> dict:
             a = timing[n][s]["activation"]
             print(
                 f"| {n} | {s} | {a.get('alpha', 0):.3f} | {activation_cfg(s, args, args.matched).get('keep_last')} "
-                f"| {a.get('offloaded_layers', 0)} | {a['recomputed_rows']} | {_mib(a['host_bytes'] + a['file_bytes'])} "
+                f"| {a.get('offloaded_layers', 0)} | {a['recomputed_rows']} | {mib(a['host_bytes'] + a['file_bytes'])} "
                 f"| {a.get('copy_s', 0):.3f} | {a.get('copy_exposed_s', 0):.3f} | {a.get('heap_trims', 0)} | {a.get('heap_trim_s', 0):.3f} |"
             )
     targets = {**TARGETS, "device_act_bytes_vs_none": (2 + 2) / args.spec16["layers"]}
@@ -542,7 +444,7 @@ def report(timing: dict, search: dict, args) -> dict:
     print(
         f"\n### Time ratios at {L} tokens: medians of {args.steps_at[L]} paired steps, interval for the median\n"
     )
-    _table_header(["ratio", "median", "interval", "coverage", "target", "verdict", "per step"])
+    table_header(["ratio", "median", "interval", "coverage", "target", "verdict", "per step"])
     for k, v in times.items():
         print(
             f"| {k} | {v['median']:.3f} | {v['low']:.3f}-{v['high']:.3f} | {v['coverage']:.0%} | <= {v['target']} | {v['verdict']} | {v['per_step']} |"
@@ -558,7 +460,7 @@ def report(timing: dict, search: dict, args) -> dict:
         "max_len_vs_checkpoint": max_len["tokenwise_file"] / ck if search else float("nan"),
     }
     print(f"\n### Memory ratios at {L} tokens\n")
-    _table_header(["ratio", "value", "target", "verdict"])
+    table_header(["ratio", "value", "target", "verdict"])
     # (ratio, value, ">=" / "<=" and its bound, or None for a figure given beside the others)
     mem_rows: list[tuple[str, float, tuple[str, float] | None]] = [
         (
@@ -585,12 +487,12 @@ def report(timing: dict, search: dict, args) -> dict:
         print(f"| {name} | {v:.3f} | {op} {bound:.3f} | {'hit' if hit else 'miss'} |")
     if search:
         print(
-            f"\n### Longest sequence within {_gib(args.budget)} GiB peak RSS ({args.spec_search['layers']} layers, one step per length in a fresh process; allocator: {args.allocator})\n"
+            f"\n### Longest sequence within {gib(args.budget)} GiB peak RSS ({args.spec_search['layers']} layers, one step per length in a fresh process; allocator: {args.allocator})\n"
         )
-        _table_header(["system", "max len", "vs checkpoint", "probes (len: fits?, peak RSS GiB)"])
+        table_header(["system", "max len", "vs checkpoint", "probes (len: fits?, peak RSS GiB)"])
         for s, r in search.items():
             probes = ", ".join(
-                f"{k}: {'y' if v['fits'] else 'n'} {_gib(v['rss'])}" for k, v in r["tried"].items()
+                f"{k}: {'y' if v['fits'] else 'n'} {gib(v['rss'])}" for k, v in r["tried"].items()
             )
             print(
                 f"| {s} | {r['max_len']}{' (no failing length found)' if r['unbounded'] else ''} | {r['max_len'] / ck:.2f} | {probes} |"
@@ -662,7 +564,7 @@ def main() -> None:
     args.calib_len = min(1024 if args.quick else 2048, lengths[0])
     args.env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(TORCH_THREADS))
     args.loadavg_start = list(os.getloadavg())
-    args.code_start = _code_version()
+    args.code_start = code_version()
     t_start = time.time()
     args.file_dir = tempfile.mkdtemp(prefix="bench_activations_", dir=os.environ.get("BENCH_FILE_DIR"))
     try:
@@ -682,16 +584,16 @@ def main() -> None:
                 timing[n] = time_length(n, args.steps_at[n], args)
             search: dict[str, dict] = {}
             for system in () if args.no_search else SEARCH_SYSTEMS:
-                print(f"length search {system} (budget {_gib(args.budget)} GiB)", flush=True)
+                print(f"length search {system} (budget {gib(args.budget)} GiB)", flush=True)
                 search[system] = search_max_len(system, args)
     finally:
         shutil.rmtree(args.file_dir, ignore_errors=True)
     result = report(timing, search, args)
-    if _code_version().split("+")[1] != args.code_start.split("+")[1]:  # the measured sources, not HEAD
+    if code_version().split("+")[1] != args.code_start.split("+")[1]:  # the measured sources, not HEAD
         print(
-            f"WARNING: offload/ or trainer/model/ changed during the run ({args.code_start} -> {_code_version()})"
+            f"WARNING: offload/ or trainer/model/ changed during the run ({args.code_start} -> {code_version()})"
         )
-        result["detail"]["code_end"] = _code_version()
+        result["detail"]["code_end"] = code_version()
     result["detail"]["wall_s"] = round(time.time() - t_start, 1)
     result["detail"]["command"] = " ".join(["python", "scripts/bench_activations.py", *sys.argv[1:]])
     print(json.dumps(result))
