@@ -66,8 +66,7 @@ Fairness, the same for every system:
   sweep median; its verdict uses the interval of auto's per-round ratio to that alpha.
 
 The last stdout line is a JSON object: the five ratios, their verdicts and raw numbers under
-"detail". Tiled row-wise compute (``activation.tile_rows > 0``) is not built in every branch yet;
-``--tile-rows 0`` runs ours untiled.
+"detail". ``--tile-rows 0`` runs ours untiled.
 """
 
 from __future__ import annotations
@@ -392,7 +391,7 @@ def calibrate_link(job: dict) -> None:
     time (the fastest of three after a cold one) and the bytes alpha offloads."""
     import torch
 
-    from longtrain.offload import measure, parameter_storages
+    from longtrain.offload import measure
     from longtrain.offload.store import HostStore
 
     model, ids_bs = build_system(
@@ -404,7 +403,7 @@ def calibrate_link(job: dict) -> None:
     x_th = x_th.detach().requires_grad_()
     # the first measurement is cold (first-touch allocations, kernel setup); of the next three the
     # fastest forward is the one least disturbed by other load on the machine
-    profiles = [measure(lm.layer_parts, x_th, ctx, HostStore(), parameter_storages(lm)) for _ in range(4)]
+    profiles = [measure(lm.layer_parts, x_th, ctx, HostStore()) for _ in range(4)]
     prof = profiles[-1]
     model.close()
     emit(
