@@ -229,7 +229,9 @@ class RingAttention:
                 kv = kv_next
         if len(self.blocks) > 1:
             own = torch.empty(kv.shape, dtype=acc, device=kv.device)
-            dist.irecv(own, self.prev, tag=_TAG_DKV + len(self.blocks)).wait()
+            last = dist.irecv(own, self.prev, tag=_TAG_DKV + len(self.blocks))
+            assert last is not None  # None only for ranks outside the group
+            last.wait()
         else:
             own = dkv
         for _, req in sends:
