@@ -82,12 +82,12 @@ def run_ring(ranks, lengths, dtype, kernel, seed=0, n_heads=4, n_kv=2, d=8):
     return _compare(layout, pos, (out.detach(), lse, [x.grad for x in (ql, kl, vl)]), oracle, finite)
 
 
-def run_ulysses(lengths, dtype, n_heads, n_kv, d=8, seed=0):
-    p, pos = dist.get_world_size(), dist.get_rank()
+def run_ulysses(lengths, dtype, n_heads, n_kv, d=8, seed=0, group=None):
+    p, pos = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, dout, docs = _batch(lengths, n_heads, n_kv, d, dtype, seed)
     oracle = _oracle(q, k, v, dout, docs)
     layout = ContiguousLayout(docs.cu_seqlens, p)
-    core = UlyssesAttention(layout, "cpu_flash")
+    core = UlyssesAttention(layout, "cpu_flash", group=group)
     ql, kl, vl = (layout.shard(x, pos).requires_grad_() for x in (q, k, v))
     out, lse = ulysses_attention(ql, kl, vl, core, 1.0 / math.sqrt(d))
     out.backward(layout.shard(dout, pos))
@@ -127,6 +127,9 @@ def main(out_dir: Path) -> None:
         res["ring4_tiny_f64"] = run_ring([0, 1, 2, 3], [2], f64, "cpu_flash", seed=5)
         res["ulysses4_f64"] = run_ulysses(uneven, f64, 8, 4)
         res["ulysses4_f32"] = run_ulysses([33, 7, 51], f32, 8, 4)
+        # Ulysses inside a group ({0, 1} and {2, 3}, e.g. the mesh's cp axis)
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        res["ulysses2_group_f64"] = run_ulysses([13, 30], f64, 4, 2, seed=6, group=groups[rank // 2])
     dist.barrier()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()

@@ -87,6 +87,7 @@ def test_ring_and_ulysses_four_ranks(tmp_path, free_port):
             "ring4_tiny_f64",
             "ulysses4_f64",
             "ulysses4_f32",
+            "ulysses2_group_f64",
         },
     )
     # the 2-token document leaves ring positions 2 and 3 with padding rows only
