@@ -340,10 +340,14 @@ def _balanced(
 
     best_est = math.inf
     best: tuple[np.ndarray, list[Job], list[tuple[int, float, float]]] | None = None
+    tried: set[tuple[int, ...]] = set()
     for factor in (None, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0):
-        placed = _place_rings(
-            sizes if factor is None else sized(bound * factor), long_docs, lengths, n_ranks, cost
-        )
+        candidate = sizes if factor is None else sized(bound * factor)
+        key = tuple(candidate[d] for d in long_docs)
+        if key in tried:
+            continue
+        tried.add(key)
+        placed = _place_rings(candidate, long_docs, lengths, n_ranks, cost)
         ring_area = sum(j.cost * len(j.ranks) for j in placed[1])
         est = max(float(placed[0].max(initial=0.0)), (ring_area + short_work) / n_ranks)
         if est < best_est:
