@@ -23,7 +23,7 @@ their last member is free; short documents (largest first) then fill the waits b
 list scheduling). ``balance=False`` is naive HDP: best-fit packs and minimal rings in data order,
 handed to ranks round robin.
 
-``milp_lower_bound`` (pulp/CBC, small instances) is the oracle: the least possible maximum per-rank
+``hdp_oracle.milp_lower_bound`` (pulp/CBC, small instances) is the oracle: the least possible maximum per-rank
 busy time for the same ring sizes, relaxing ring start synchronisation and pack integrality, so the
 heuristic's gap against it is an upper bound on its true gap.
 """
@@ -40,67 +40,9 @@ import numpy as np
 
 from longtrain.config_checks import ConfigError
 
+from .cost_model import DEFAULT_COST, CostModel, fit_cost_model
+
 CAPACITY_KEY = "parallel.token_capacity"
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Predicted seconds of one job on each of its ranks (forward + backward, all layers).
-
-    attn: seconds per token^2 of one document's causal attention; linear: seconds per token of
-    everything row-wise; fixed: seconds per micro-batch; comm: seconds per token of one ring hop of
-    K/V (+ dK/dV in backward), overlapped with the attention of the same step.
-    """
-
-    attn: float
-    linear: float
-    fixed: float = 0.0
-    comm: float = 0.0
-
-    def job_time(self, lengths: Sequence[int], g: int = 1) -> float:
-        """One job: documents ``lengths`` on g ranks (g = 1: a pack; g > 1: a zigzag ring)."""
-        t = float(sum(lengths))
-        a = float(sum(s * s for s in lengths))
-        step_attn = self.attn * a / (g * g)
-        return self.fixed + self.linear * t / g + step_attn + (g - 1) * max(step_attn, self.comm * t / g)
-
-    def job_times(self, s: int, gs: np.ndarray) -> np.ndarray:
-        """``job_time([s], g)`` for every g in ``gs`` (one document)."""
-        step_attn = self.attn * float(s) ** 2 / (gs * gs)
-        return (
-            self.fixed
-            + self.linear * s / gs
-            + step_attn
-            + (gs - 1) * np.maximum(step_attn, self.comm * s / gs)
-        )
-
-
-# ByteScale Fig. 6(a) read approximately (a 7B model at 128K: attention ~175.5 ms, the rest ~28.2 ms
-# per layer; 32 layers); a ring hop moves K, V forward and K, V, dK, dV backward, ~400 KB per token for
-# GQA-8 x 128 over 32 layers, at ~100 GB/s per link (an assumption; sweep it): for simulations only.
-DEFAULT_COST = CostModel(attn=32 * 0.1755 / 131072**2, linear=32 * 0.0282 / 131072, fixed=5e-3, comm=4e-6)
-
-
-def fit_cost_model(samples: Sequence[tuple[Sequence[int], float]], comm: float = 0.0) -> CostModel:
-    """Least-squares fit of (sum s^2, sum s, 1) -> seconds from profiled packs (lengths, seconds);
-    coefficients that come out negative are pinned to 0 and the rest refitted."""
-    if len(samples) < 1:
-        raise ValueError("fit_cost_model needs at least one (lengths, seconds) sample")
-    x = np.array([[sum(s * s for s in ls), sum(ls), 1.0] for ls, _ in samples], dtype=np.float64)
-    y = np.array([sec for _, sec in samples], dtype=np.float64)
-    active = [0, 1, 2]
-    coef = np.zeros(3)
-    while active:
-        cols = x[:, active]
-        norm = np.abs(cols).max(axis=0)
-        norm[norm == 0] = 1.0
-        sol, *_ = np.linalg.lstsq(cols / norm, y, rcond=None)
-        sol = sol / norm
-        if (sol >= 0).all():
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
-    return CostModel(attn=float(coef[0]), linear=float(coef[1]), fixed=float(coef[2]), comm=comm)
 
 
 @dataclass(frozen=True)
@@ -417,52 +359,6 @@ def assert_deadlock_free(per_rank: Sequence[Sequence[Job]]) -> None:
     assert remaining == 0, f"deadlock: ranks wait at {stuck[:4]}"
 
 
-def milp_lower_bound(plan: HdpPlan, cost: CostModel, time_limit: float = 20.0) -> float:
-    """pulp/CBC: the least maximum per-rank busy time over all assignments of the plan's rings (same
-    sizes) and short documents to ranks, with ring starts unsynchronised (except that rings too wide
-    to share the ranks run in sequence) and each rank's packs only bounded by its token count
-    (m_r >= tokens_r / C): a lower bound on the makespan of any plan with these ring sizes."""
-    import pulp
-
-    n, c_tok, lengths = plan.n_ranks, plan.capacity, plan.lengths
-    rings = [j for j in plan.jobs if len(j.ranks) > 1]
-    short = [d for j in plan.jobs if len(j.ranks) == 1 for d in j.docs]
-    prob = pulp.LpProblem("hdp_makespan", pulp.LpMinimize)
-    z = pulp.LpVariable("z", lowBound=0)
-    x = {(i, r): pulp.LpVariable(f"x_{i}_{r}", cat="Binary") for i in range(len(rings)) for r in range(n)}
-    y = {(d, r): pulp.LpVariable(f"y_{d}_{r}", cat="Binary") for d in short for r in range(n)}
-    m = {r: pulp.LpVariable(f"m_{r}", lowBound=0) for r in range(n)}  # packs: relaxed to continuous
-    prob += z
-    for i, job in enumerate(rings):
-        prob += pulp.lpSum(x[i, r] for r in range(n)) == len(job.ranks)
-    for d in short:
-        prob += pulp.lpSum(y[d, r] for r in range(n)) == 1
-    busy = [pulp.LpVariable(f"b_{r}", lowBound=0) for r in range(n)]
-    for r in range(n):
-        prob += m[r] * c_tok >= pulp.lpSum(y[d, r] * lengths[d] for d in short)
-        for d in short:
-            prob += m[r] >= y[d, r]
-        work = pulp.lpSum(x[i, r] * job.cost for i, job in enumerate(rings))
-        work += pulp.lpSum(y[d, r] * (cost.attn * lengths[d] ** 2 + cost.linear * lengths[d]) for d in short)
-        prob += busy[r] == work + cost.fixed * m[r]
-        prob += busy[r] <= z
-        if r:
-            prob += busy[r - 1] >= busy[r]  # ranks are interchangeable: order them by load
-    # rings too wide to share the ranks run one after another (valid for any schedule)
-    wide = [job.cost for job in rings if 2 * len(job.ranks) > n]
-    prob += z >= sum(wide)
-    for i, a in enumerate(rings):
-        for b in rings[i + 1 :]:
-            if len(a.ranks) + len(b.ranks) > n:
-                prob += z >= a.cost + b.cost
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
-    # with a time limit CBC may stop early: its best bound is still a valid lower bound only when
-    # solved to optimality, so report the objective only then
-    if prob.sol_status != pulp.LpSolutionOptimal:
-        raise RuntimeError(f"MILP not solved to optimality (status {prob.sol_status}); raise time_limit")
-    return float(pulp.value(z))
-
-
 def lower_bound_simple(plan: HdpPlan) -> float:
     """max(mean busy, longest job): a trivial makespan lower bound."""
     return max(sum(plan.busy) / plan.n_ranks, max((j.cost for j in plan.jobs), default=0.0))
@@ -478,7 +374,6 @@ __all__ = [
     "check_plan",
     "fit_cost_model",
     "lower_bound_simple",
-    "milp_lower_bound",
     "plan_hdp",
     "ring_size",
 ]

@@ -15,10 +15,10 @@ from longtrain.parallel.hdp import (
     assert_deadlock_free,
     check_plan,
     fit_cost_model,
-    milp_lower_bound,
     plan_hdp,
     ring_size,
 )
+from longtrain.parallel.hdp_oracle import milp_lower_bound
 from longtrain.parallel.simulate import heavy_tailed_lengths
 
 SMALL_COST = CostModel(attn=1e-6, linear=1e-3, fixed=0.05, comm=2e-4)
