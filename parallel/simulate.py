@@ -24,7 +24,8 @@ import numpy as np
 
 from longtrain.config_checks import ConfigError
 
-from .hdp import DEFAULT_COST, CostModel, HdpPlan, plan_hdp
+from .cost_model import DEFAULT_COST, CostModel
+from .hdp import HdpPlan, plan_hdp
 
 
 def parse_tokens(text: str | int) -> int:
