@@ -15,6 +15,7 @@ link (``link.py``) the measured bandwidth is the link's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import time
@@ -57,7 +58,7 @@ def saved_bytes_per_token(parts: LayerParts, x_th: Tensor, ctx: LayerContext) ->
     probe = TokenwiseExecutor({"host": engine}, ActivationPlan((LayerPlan("tokenwise", 1.0),)))
     try:
         x = x_th[:r].detach().requires_grad_(x_th.is_floating_point())
-        whole, rows = parts.call(lambda x: probe.layer_offload_bytes(parts, x, probe_ctx), x)
+        whole, rows = parts.call(functools.partial(probe.layer_offload_bytes, parts), x, probe_ctx)
     finally:
         probe.close()
     return whole / r, rows / r
@@ -84,7 +85,7 @@ def copy_bandwidth(store: ActivationStore, nbytes: int, device: torch.device) ->
 def layer_forward_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> float:
     with torch.no_grad():
         t0 = time.perf_counter()
-        parts.call(lambda x: run_layer(parts, x, ctx), x_th)
+        parts.call(functools.partial(run_layer, parts), x_th, ctx)
         if x_th.is_cuda:
             torch.cuda.synchronize(x_th.device)
         return time.perf_counter() - t0

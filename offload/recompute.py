@@ -10,6 +10,7 @@ gradient). That is the allocator policy a fair memory comparison gives every sys
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -46,7 +47,7 @@ class _Baseline:
             for i, parts in enumerate(layers):
                 if i:
                     self.trim_heap()  # the previous layer's transient tensors are free now
-                x_th = parts.call(lambda x, parts=parts: self.run_one(parts, x, ctx), x_th)
+                x_th = parts.call(functools.partial(self.run_one, parts), x_th, ctx)
                 if self.trim_heap.enabled and x_th.requires_grad:
                     x_th.register_hook(self._trim_on_grad)
         return x_th

@@ -34,6 +34,7 @@ and the last tokenwise layer as soon as the forward ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -162,7 +163,7 @@ class TokenwiseExecutor:
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         if not torch.is_grad_enabled():  # nothing is saved for backward: run plainly
             for parts in layers:
-                x_th = parts.call(lambda x, parts=parts: run_layer(parts, x, ctx), x_th)
+                x_th = parts.call(functools.partial(run_layer, parts), x_th, ctx)
             return x_th
         self.plan.check_layer_count(len(layers))
         self._release_step()
@@ -182,20 +183,14 @@ class TokenwiseExecutor:
                 rows = resolve_tile_rows(layer.tile_rows, t, x_th.shape[1], parts.gate_proj.out_features)
                 engine = self.engines[layer.tier]
                 x_th = parts.call(
-                    lambda x, parts=parts, a=a, engine=engine, rows=rows: self._forward_offloaded(
-                        parts, x, ctx, t, a, engine, rows
-                    ),
-                    x_th,
+                    functools.partial(self._forward_offloaded, parts), x_th, ctx, t, a, engine, rows
                 )
             elif layer.mode == "recompute":
                 x_th = parts.call(
-                    lambda x, parts=parts, layer=layer: self._forward_recomputed(
-                        parts, x, ctx, layer.tile_rows
-                    ),
-                    x_th,
+                    functools.partial(self._forward_recomputed, parts), x_th, ctx, layer.tile_rows
                 )
             else:
-                x_th = parts.call(lambda x, parts=parts: self._forward_kept(parts, x, ctx), x_th)
+                x_th = parts.call(functools.partial(self._forward_kept, parts), x_th, ctx)
         self._stats = step_stats(self.plan, self.alphas, self.records, t)
         if self.records:  # the last tokenwise layer's backward follows the layers above it
             self._prefetch(max(self.records))

@@ -342,14 +342,14 @@ class OptimizerContainer(torch.optim.Optimizer):
                         entry = {k: self._shard(p, v) for k, v in entry.items()}
                     self._load_entry(g, w, entry)
 
-    def _full(self, p: Tensor, value: Tensor) -> Tensor:
+    def _full(self, p: nn.Parameter, value: Tensor) -> Tensor:
         """A parameter's state as saved: under FSDP the full tensor gathered from the shards (a
         collective: ``state_dict`` runs on every rank), else ``value``."""
         if self._shards is None or value.dim() == 0:
             return value
         return self._shards.full(p, value)
 
-    def _shard(self, p: Tensor, value: Tensor) -> Tensor:
+    def _shard(self, p: nn.Parameter, value: Tensor) -> Tensor:
         if self._shards is None or value.dim() == 0:
             return value
         return self._shards.shard(p, value)

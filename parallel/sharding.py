@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from longtrain.trainer.model.adapter import CausalLM
 
 from .config import ParallelConfig
 from .mesh import Mesh, ReplicatedGradientSync
+
+if TYPE_CHECKING:
+    from .fsdp import ShardedParams
 
 
 class GradientSync(Protocol):
@@ -35,7 +38,7 @@ class GradientSync(Protocol):
 @dataclass
 class Sharding:
     grad_sync: GradientSync
-    shards: object | None = None  # parallel.fsdp.ShardedParams: what the optimizer updates
+    shards: ShardedParams | None = None  # sharded: the local shards the optimizer updates
 
     @property
     def sharded(self) -> bool:

@@ -136,7 +136,7 @@ def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Shard
         model,
         cfg.optim,
         overlap_backward=mesh.dp_size == 1,
-        shards=sharding.shards,  # type: ignore[arg-type]  # a ShardedParams or None
+        shards=sharding.shards,
     )
     return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 

@@ -28,6 +28,11 @@ from tiny import tiny_adapted_model  # noqa: E402
 ROWS, SEQ, VOCAB, STEPS = 4, 48, 101, 3
 
 
+def state_bytes(stats: dict) -> int:
+    """Optimizer-state bytes over the tiers (``optim_{tier}_bytes``)."""
+    return sum(int(v) for k, v in stats.items() if k.startswith("optim_") and k.endswith("_bytes"))
+
+
 def main(out_dir: Path, optim_cfg: dict, activation: dict) -> None:
     torch.set_num_threads(1)
     mesh = init_mesh(ParallelConfig(shard="fsdp"), "cpu")
@@ -69,10 +74,8 @@ def main(out_dir: Path, optim_cfg: dict, activation: dict) -> None:
         "worst_rel": worst,
         "moved": moved,
         "norms": norms,
-        "optim_bytes": sum(v for k, v in stats.items() if k.startswith("optim_") and k.endswith("_bytes")),
-        "oracle_optim_bytes": sum(
-            v for k, v in oracle_opt.stats().items() if k.startswith("optim_") and k.endswith("_bytes")
-        ),
+        "optim_bytes": state_bytes(stats),
+        "oracle_optim_bytes": state_bytes(oracle_opt.stats()),
         "host_bytes": host_bytes,
         "rows": int(rows.shape[0]),
     }

@@ -26,10 +26,11 @@ This module imports nothing else of longtrain except the attention and loss modu
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+T = TypeVar("T")
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -99,9 +101,9 @@ class _HFCausalLM(Protocol):
 LAYER_METHOD = "longtrain_layer"  # the decoder layer's forward as module hooks see it (``LayerParts.call``)
 
 
-def _layer_call(module: nn.Module, fn: Callable[[Tensor], Tensor], x_th: Tensor) -> Tensor:
-    """Bound to every decoder layer as ``LAYER_METHOD``: runs ``fn(x_th)``, one layer's forward."""
-    return fn(x_th)
+def _layer_call(module: nn.Module, fn: Callable[..., Any], x_th: Tensor, *args: Any) -> Any:
+    """Bound to every decoder layer as ``LAYER_METHOD``: runs ``fn(x_th, *args)``, one layer's forward."""
+    return fn(x_th, *args)
 
 
 class LayerParts:
@@ -137,9 +139,10 @@ class LayerParts:
         self.n_heads = self.q_proj.out_features // self.head_dim
         self.n_kv_heads = self.k_proj.out_features // self.head_dim
 
-    def call(self, fn: Callable[[Tensor], Tensor], x_th: Tensor) -> Tensor:
-        """``fn(x_th)``, one forward of this layer (by any executor), through the layer module's hooks."""
-        return getattr(self.module, LAYER_METHOD)(fn, x_th)
+    def call(self, fn: Callable[..., T], x_th: Tensor, *args: Any) -> T:
+        """``fn(x_th, *args)``, one forward of this layer (by any executor), through the layer
+        module's hooks (``x_th``: the layer input, whose gradient marks the layer's backward done)."""
+        return getattr(self.module, LAYER_METHOD)(fn, x_th, *args)
 
     def parameters(self) -> list[nn.Parameter]:
         """The layer's parameters as they are now (unsharded while inside ``call`` under sharding)."""
@@ -207,7 +210,7 @@ class PlainExecutor:
 
     def __call__(self, layers: list[LayerParts], x_th: Tensor, ctx: LayerContext) -> Tensor:
         for parts in layers:
-            x_th = parts.call(lambda x, parts=parts: run_layer(parts, x, ctx), x_th)
+            x_th = parts.call(functools.partial(run_layer, parts), x_th, ctx)
         return x_th
 
     def stats(self) -> dict[str, float]:
