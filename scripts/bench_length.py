@@ -6,7 +6,9 @@
 
 ``--quick`` keeps the keys and the method and aims at < 10 minutes on 2 idle cores; the full run
 takes hours (one step at 12K tokens is 2-3 minutes here and the search probes reach past the ALST
-stack's longest sequence). ``--tile-rows`` (default 1024) is ours' ``activation.tile_rows``.
+stack's longest sequence). ``--tile-rows`` (default ``auto``, ours' memory rule: the largest tile
+whose MLP intermediates hold no more than the layer input, at least 256 rows) is ours'
+``activation.tile_rows``.
 
 Systems (same weights, same random tokens, fp32, batch 1, one document, 2 torch threads each, each
 in its own process):
@@ -118,7 +120,7 @@ FULL_MODEL = {"hidden": 512, "intermediate": 1792, "heads": 8, "kv_heads": 4, "l
 QUICK_MODEL = {"hidden": 256, "intermediate": 896, "heads": 4, "kv_heads": 2, "layers": 6}
 
 
-def activation_cfg(system: str, tile_rows: int, file_dir: str, link_gbps: float | None = None) -> dict:
+def activation_cfg(system: str, tile_rows: int | str, file_dir: str, link_gbps: float | None = None) -> dict:
     """longtrain's ``activation.*`` keys of one of our systems; ``sweep_<alpha>`` and ``sweep_auto``
     are the host tier behind the emulated link."""
     common = {"trim_heap": True}
@@ -694,6 +696,10 @@ def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dic
     return {**result, "verdicts": verdicts, "detail": detail}
 
 
+def _tile_rows(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def _ints(text: str) -> list[int]:
     return sorted(int(x) for x in text.split(","))
 
@@ -701,7 +707,12 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model and budget, same keys (< 10 min)")
-    parser.add_argument("--tile-rows", type=int, default=1024, help="ours' activation.tile_rows (0: untiled)")
+    parser.add_argument(
+        "--tile-rows",
+        type=_tile_rows,
+        default="auto",
+        help="ours' activation.tile_rows: rows per tile, 0 (untiled) or auto (default)",
+    )
     parser.add_argument(
         "--budget-gib", type=float, default=None, help="peak-RSS budget (full 1.5, quick 0.75)"
     )
