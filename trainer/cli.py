@@ -126,7 +126,20 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
     return 0
 
 
+def _quiet_deepspeed_detection() -> None:
+    """transformers imports DeepSpeed's integration when it saves or loads a model, and DeepSpeed
+    then warns that it "sets the accelerator to CPU" on a machine without CUDA. Naming the CPU
+    accelerator up front (as DeepSpeed's docs do for CPU runs) keeps that warning out of every
+    command's output; a user's own DS_ACCELERATOR wins."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_deepspeed_detection()
     parser = _parser()
     # Overrides may follow options (`train tiny_cpu --nproc 2 train.steps=3`): argparse leaves
     # positionals that come after an option unparsed, so they are appended to the overrides here.
