@@ -503,8 +503,12 @@ def run_system(job: dict, timeout_s: float) -> dict:
             p.kill()
     wall = time.perf_counter() - start
     if any(p.returncode != 0 for p in procs):
-        tail = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
-        return {"error": tail[-2000:], "wall_s": round(wall, 1)}
+        tails = [
+            f"rank {r}: {o[-1500:]}"
+            for r, (p, o) in enumerate(zip(procs, outputs, strict=True))
+            if p.returncode
+        ]
+        return {"error": "\n".join(tails), "wall_s": round(wall, 1)}
     ranks = [json.loads(Path(job["dir"], f"rank{r}.json").read_text()) for r in range(E2E_RANKS)]
     return {
         "step_s": ranks[0]["step_s"],
