@@ -133,19 +133,11 @@ def _layer_call_zero3(module: nn.Module, fn: Callable[[Tensor], Tensor], x_th: T
 
 def _cpu_adam(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """DeepSpeedCPUAdam (AdamW) over ``groups``, built on first use, else one line naming the key."""
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        from deepspeed.ops.op_builder import CPUAdamBuilder
+    from longtrain.optim.cpu_adam import load_deepspeed_cpu_adam
 
-        CPUAdamBuilder().load()
-    except Exception as e:  # an ImportError, a compiler error, a missing header...
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"parallel.shard=deepspeed: DeepSpeed cannot build its CPU Adam op ({reason}); "
-            "set parallel.shard=fsdp or none"
-        ) from None
+    cls = load_deepspeed_cpu_adam("parallel.shard=deepspeed", "set parallel.shard=fsdp or none")
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
+    return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adamw_mode=True)
 
 
 class EngineRoot(nn.Module):
