@@ -69,7 +69,7 @@ def test_scheduler_applies_lr_factor_per_step():
 
 def test_param_groups_decay_only_matrices(make_tiny_model):
     model = adapt(make_tiny_model("qwen2"))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(list(model.parameters()), 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -89,7 +89,7 @@ def test_build_optimizer(make_tiny_model, name):
     assert isinstance(opt, torch.optim.Optimizer)  # what LambdaLR needs
     if name == "adamw":
         assert opt.param_groups[0]["betas"] == (0.8, 0.9)
-    groups = param_groups(ref_model, cfg.weight_decay)
+    groups = param_groups(list(ref_model.parameters()), cfg.weight_decay)
     ref = (
         torch.optim.AdamW(groups, lr=0.01, betas=(0.8, 0.9), eps=cfg.eps)
         if name == "adamw"

@@ -108,7 +108,10 @@ def run_pair(model, ref_model, opt, cfg, data):
     same micro-batch losses (gradient accumulation, LR schedule); returns both norms per step and
     the container's stats after each step."""
     ref = torch.optim.AdamW(
-        param_groups(ref_model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        param_groups(list(ref_model.parameters()), cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
     )
     sched, ref_sched = build_scheduler(opt, cfg, len(data)), build_scheduler(ref, cfg, len(data))
     norms, stats = [], []
@@ -239,7 +242,10 @@ def test_more_accumulations_than_counted_raise_instead_of_an_early_update(tmp_pa
     cfg = cfg_for(tmp_path, grad_clip=0.0, overlap=False, offload="dram")
     opt = build_optimizer(m, cfg)
     ref = torch.optim.AdamW(
-        param_groups(ref_m, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        param_groups(list(ref_m.parameters()), cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
     )
     for calls in (1, 2, 3):
         train(m, opt, calls)
@@ -356,7 +362,10 @@ def test_loads_a_torch_adamw_state(tmp_path, make_tiny_model):
     model, ref_model = tiny(make_tiny_model, torch.float64), tiny(make_tiny_model, torch.float64)
     cfg = cfg_for(tmp_path, grad_clip=0.0)
     ref = torch.optim.AdamW(
-        param_groups(ref_model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        param_groups(list(ref_model.parameters()), cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
     )
     loss = batches(97, 1, 1)[0][0]
     loss(ref_model).backward()
