@@ -110,7 +110,7 @@ def check_dir(directory: str | Path, key: str, need_bytes: int = 0, remedy: str 
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".longtrain-write-test"
+        probe = path / f".longtrain-write-test-{os.getpid()}"  # ranks may share the directory
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:

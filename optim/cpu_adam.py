@@ -40,8 +40,11 @@ def _deepspeed_op_built() -> bool:
     return (Path(root) / f"{python}_{cuda}" / "cpu_adam" / "cpu_adam.so").is_file()
 
 
-def load_deepspeed_cpu_adam() -> Any:
-    """DeepSpeedCPUAdam with its op loaded (built on first use), else a ConfigError naming the key."""
+def load_deepspeed_cpu_adam(
+    setting: str = "optim.cpu_impl=deepspeed", remedy: str = "set optim.cpu_impl=torch or auto"
+) -> Any:
+    """DeepSpeedCPUAdam with its op loaded (built on first use), else a ConfigError naming the
+    ``setting`` that asked for it and the ``remedy``."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         from deepspeed.ops.op_builder import CPUAdamBuilder
@@ -49,10 +52,7 @@ def load_deepspeed_cpu_adam() -> Any:
         CPUAdamBuilder().load()
     except Exception as e:  # an ImportError, a compiler error, a missing header...
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"optim.cpu_impl=deepspeed: DeepSpeed cannot build its CPU Adam op ({reason}); "
-            "set optim.cpu_impl=torch or auto"
-        ) from None
+        raise ConfigError(f"{setting}: DeepSpeed cannot build its CPU Adam op ({reason}); {remedy}") from None
     return DeepSpeedCPUAdam  # a torch.optim.Optimizer whose __init__ takes adamw_mode
 
 

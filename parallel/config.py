@@ -18,7 +18,8 @@ class ParallelConfig:
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
         all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3;
-        parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine: not built yet).
+        parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine built from longtrain's config, optimizer
+        state offloaded by DeepSpeed per optim.offload none / dram / nvme; parallel/zero3.py).
     """
 
     data_parallel: int = -1
@@ -28,11 +29,6 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "parallel")
-        if self.shard == "deepspeed":
-            raise ConfigError(
-                "parallel.shard=deepspeed (a DeepSpeed ZeRO-3 engine) is not available yet; use parallel.shard=fsdp "
-                "(FSDP2, the same ZeRO-3 sharding) or none"
-            )
         if self.data_parallel != -1 and self.data_parallel < 1:
             raise ConfigError(
                 f"parallel.data_parallel must be -1 (world size) or a positive int, got {self.data_parallel}"

@@ -49,6 +49,8 @@ def apply_fsdp(model: CausalLM, dp_mesh: DeviceMesh) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum: the loss is already over the global token count
+            # float32 would otherwise reduce with PREMUL_SUM(1.0), which gloo lacks: a plain SUM
+            module.set_force_sum_reduction_for_comms(True)
 
 
 class FsdpGradientSync:
@@ -60,6 +62,9 @@ class FsdpGradientSync:
     def before_backward(self, last: bool) -> None:
         assert isinstance(self.model, FSDPModule)
         self.model.set_requires_gradient_sync(last)  # recurses into the layers
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
 
     def after_backward(self) -> None:
         """Nothing: FSDP reduce-scattered during the last backward."""

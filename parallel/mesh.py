@@ -142,6 +142,9 @@ class ReplicatedGradientSync:
     def before_backward(self, last: bool) -> None:
         """Nothing: gradients accumulate locally until the step's sync."""
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
     def after_backward(self) -> None:
         sync_gradients(self.model, self.mesh)
 

@@ -28,6 +28,7 @@ from longtrain.config_checks import ConfigError, check_fields, option
 from longtrain.offload.config import ActivationConfig
 from longtrain.optim.config import OptimConfig
 from longtrain.parallel.config import ParallelConfig
+from longtrain.parallel.zero3 import Zero3Spec, check_spec
 from longtrain.trainer.data.config import DataConfig
 from longtrain.trainer.model.adapter import SUPPORTED_FAMILIES
 from longtrain.trainer.model.attention import BACKENDS
@@ -164,3 +165,12 @@ class JobConfig:
                 f"model.sliding_window={self.model.sliding_window} < train.seq_len={self.train.seq_len}: "
                 "sliding-window attention is not supported; set model.sliding_window=null"
             )
+        if self.parallel.shard == "deepspeed":
+            check_spec(
+                Zero3Spec(self.optim, self.train.grad_accum, self.data.micro_batch_size, self.train.dtype)
+            )
+            if self.checkpoint.enabled:
+                raise ConfigError(
+                    "parallel.shard=deepspeed does not save checkpoints yet (the engine's partitions are not "
+                    "gathered into longtrain's format); set checkpoint.enabled=false or use parallel.shard=fsdp"
+                )

@@ -28,6 +28,7 @@ from longtrain.optim import build_optimizer as make_optimizer
 from longtrain.parallel import (
     Mesh,
     Sharding,
+    Zero3Spec,
     all_reduce_sum,
     apply_sharding,
     broadcast_object,
@@ -131,6 +132,8 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
 
 
 def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding):
+    if sharding.optimizer is not None:  # an engine's own (parallel.shard=deepspeed)
+        return sharding.optimizer, build_scheduler(sharding.optimizer, cfg.optim, cfg.train.steps)
     # Under data parallelism gradients are final only after their sync: no update during backward.
     optimizer = make_optimizer(
         model,
@@ -194,7 +197,7 @@ class Job:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
         """One optimizer step over ``grad_accum`` micro-batches (token-weighted across ranks)."""
-        mesh, model = self.mesh, self.model
+        mesh, model = self.mesh, self.sharding.forward or self.model  # an engine wraps the model
         num_tokens = all_reduce_sum(sum(mb.num_loss_tokens for mb in micro_batches), mesh)
         loss_sum, flops = 0.0, 0.0
         for i, mb in enumerate(micro_batches):
@@ -211,7 +214,7 @@ class Job:
             if last:
                 self.optimizer.before_last_backward()  # its gradients are final: updates may start
             self.sharding.grad_sync.before_backward(last)
-            out.loss.backward()
+            self.sharding.grad_sync.backward(out.loss)
             loss_sum += out.loss_sum.item()
             flops += self._flops(mb)
         self.sharding.grad_sync.after_backward()
@@ -232,7 +235,7 @@ class Job:
     def evaluate(self) -> dict[str, float]:
         """Loss per target token over the validation rows (all ranks; ``train.eval_batches`` each)."""
         assert self.val_rows is not None, "evaluate() needs validation rows (data.val_fraction > 0)"
-        mesh = self.mesh
+        mesh, model = self.mesh, self.sharding.forward or self.model
         loss_sum = 0.0
         num_tokens: float = 0  # token counts are ints; all_reduce_sum below is typed to return a float
         for mb in eval_batches(
@@ -244,7 +247,7 @@ class Job:
         ):
             mb = mb.to(mesh.device)
             with self.autocast():
-                out = self.model(
+                out = model(
                     input_ids=mb.input_ids,
                     labels=mb.labels,
                     position_ids=mb.position_ids,
@@ -367,7 +370,8 @@ def prepare(cfg: JobConfig) -> Job:
     mesh = init_mesh(cfg.parallel, cfg.train.device)
     tokenizer, loader, val_rows = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
-    sharding = apply_sharding(cfg.parallel, model, mesh)
+    zero3 = Zero3Spec(cfg.optim, cfg.train.grad_accum, cfg.data.micro_batch_size, cfg.train.dtype)
+    sharding = apply_sharding(cfg.parallel, model, mesh, zero3)
     optimizer, scheduler = build_optimizer(cfg, mesh, model, sharding)
     checkpointer = build_checkpointer(cfg, mesh, model, sharding)
     start_step = 0

@@ -123,3 +123,30 @@ def test_trainer_fsdp_two_ranks_logs_the_losses_of_one_process_and_resumes(tmp_p
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(two[2:], resumed[2:], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-12 * a["loss"], (a["step"], a["loss"], b["loss"])
+
+
+def test_trainer_fsdp_float32_on_gloo_sums_gradients(tmp_path, longtrain_cmd):
+    """float32 (the default dtype): FSDP's reduce-scatter must be a plain sum on gloo (it has no
+    PREMUL_SUM); the losses and gradient norms are one process's within float32 rounding."""
+    common = [
+        "train.seq_len=128",
+        "train.steps=2",
+        "optim.warmup_steps=1",
+        "train.log_every=1",
+        "checkpoint.enabled=false",
+        "logging.progress=false",
+        "logging.peak_flops=1e12",
+        "activation.mode=none",
+    ]
+
+    def train(out: Path, *extra: str) -> list[dict]:
+        cmd = [*longtrain_cmd, "train", "tiny_cpu", *extra, *common, f"output_dir={out}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return read_metrics(out)
+
+    two = train(tmp_path / "fsdp", "--nproc", "2", "parallel.shard=fsdp", "data.micro_batch_size=2")
+    one = train(tmp_path / "one", "data.micro_batch_size=4")
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a["step"], a, b)

@@ -72,3 +72,20 @@ def test_final_line_has_every_key_and_nulls_what_is_not_built():
     )
     json.dumps(line)
     assert bench.final_line({})["cpu_adam_vs_floor"] is None
+
+
+def test_verdicts_of_a_lower_is_better_target():
+    assert bench.lower_summary([0.9] * 7, 1.0)["verdict"] == "hit"
+    assert bench.lower_summary([1.1] * 7, 1.0)["verdict"] == "miss"
+    assert bench.lower_summary([0.8, 0.9, 1.0, 1.05, 1.2], 1.0)["verdict"] == "at the threshold"
+    assert bench.lower_summary([0.5], 0.55)["verdict"] == "hit"  # one number per run: RSS, bytes
+
+
+def test_final_line_takes_the_end_to_end_ratios():
+    ratios = {
+        key: bench.lower_summary([0.5, 0.6, 0.7], target) for key, target in bench.LOWER_TARGETS.items()
+    }
+    line = bench.final_line({"end_to_end": {"ratios": ratios}})
+    assert set(line) == KEYS
+    assert all(line[key] == 0.6 for key in bench.LOWER_TARGETS)
+    assert bench.paired_ratios([2.0, 3.0], [4.0, 3.0]) == [0.5, 1.0]

@@ -16,11 +16,12 @@ logsumexp to the caller: an executor learns them from that call, never from what
 
 Module hooks: the executors call a layer's parts, never the HF layer's ``forward``, so every
 executor runs one layer's forward as ``parts.call(fn, x_th)``. That goes through the method
-``LAYER_METHOD`` of the HF decoder layer module, which sharding (parallel/fsdp.py) registers as a
-forward method: its pre-forward hook unshards the layer's parameters, its post-forward hook
-reshards them and hooks the output so that backward unshards them again before the layer's
-backward (and its token-wise rebuild, which runs inside it) and reduce-scatters the gradients once
-the layer's input gradient is done.
+``LAYER_METHOD`` of the HF decoder layer module, which sharding registers as a forward method
+(parallel/fsdp.py; parallel/zero3.py runs it through the module's ``__call__`` for DeepSpeed's
+hooks): its pre-forward hook unshards the layer's parameters, its post-forward hook reshards them
+and hooks the output so that backward unshards them again before the layer's backward (and its
+token-wise rebuild, which runs inside it) and reduce-scatters the gradients once the layer's input
+gradient is done.
 This module imports nothing else of longtrain except the attention and loss modules beside it.
 """
 
