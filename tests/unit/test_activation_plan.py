@@ -415,3 +415,20 @@ def test_dry_run_reads_and_checks_the_plan_file(tmp_path):
     path.write_text(json.dumps({"layers": GOOD[:3]}))
     with pytest.raises(ConfigError, match=r"has 3 layers but the model has 4"):
         dry_run_report(cfg)
+
+
+def test_layer_forward_time_is_measured_warm(monkeypatch):
+    """alpha="auto" divides by the layer's forward time: the first (cold) run at a new length is not
+    timed; the fastest of the warm runs is."""
+    calls = []
+
+    def fake_run_layer(parts, x, ctx):
+        calls.append(len(calls))
+        time.sleep(0.2 if len(calls) == 1 else 0.02)  # the cold run is 10x slower
+        return x
+
+    monkeypatch.setattr(profile, "run_layer", fake_run_layer)
+    model = tiny_model(layers=1)
+    x, ctx = model.layer_inputs(ids_of(16))
+    seconds = profile.layer_forward_seconds(model.layer_parts[0], x, ctx)
+    assert len(calls) == 3 and 0.02 <= seconds < 0.1, (calls, seconds)
