@@ -109,9 +109,12 @@ class StepBatches:
             else:
                 shard = ring_shard(part, job.ranks, self.mesh.rank, self.cfg.model.attention)
                 work.append(Work(shard, tuple(part.lengths), 1.0 / len(job.ranks)))
+        per_rank = [len(plan.rank_jobs(r)) for r in range(plan.n_ranks)]
         stats = {
             "hdp_jobs": len(plan.jobs),
             "hdp_rings": sum(len(j.ranks) > 1 for j in plan.jobs),
+            "hdp_rank_jobs_min": min(per_rank),
+            "hdp_rank_jobs_max": max(per_rank),
             "planned_imbalance": plan.imbalance,
         }
         return StepWork(work, num_tokens=stream.num_loss_tokens, stats=stats)
