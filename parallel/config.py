@@ -26,8 +26,8 @@ class ParallelConfig:
         data.micro_batch_size): documents longer than it run on rings, shorter ones are packed.
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
-        all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3;
-        parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine: not built yet).
+        all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3, over
+        the dp ranks, in mode cp over dp x cp; not with mode hdp; parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine: not built yet).
     """
 
     data_parallel: int = -1
@@ -64,11 +64,6 @@ class ParallelConfig:
                 "parallel.shard=fsdp with parallel.mode=hdp is not supported: hdp ranks run different "
                 "numbers of micro-batches, and FSDP's per-layer all-gathers would wait on each other; "
                 "use parallel.shard=none"
-            )
-        if self.mode == "cp" and self.shard == "fsdp":
-            raise ConfigError(
-                "parallel.shard=fsdp with parallel.mode=cp is not supported yet (FSDP shards over the dp "
-                "axis only); use parallel.shard=none"
             )
 
     def resolve_data_parallel(self, world_size: int) -> int:

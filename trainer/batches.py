@@ -27,7 +27,7 @@ from longtrain.parallel.ulysses import check_ulysses
 from longtrain.trainer.data import MicroBatch, PackedLoader
 from longtrain.trainer.model.adapter import CausalLM, shift_labels
 
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 
 
 @dataclass
@@ -133,6 +133,14 @@ def check_layout(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> None:
     if par.mode == "cp" and par.cp_impl == "ulysses":
         c = model.config
         check_ulysses(c.num_attention_heads, c.num_key_value_heads, mesh.cp_size)
+    if par.mode == "cp" and par.shard == "fsdp" and mesh.dp_size > 1 and _probes_alpha(model):
+        # the probe runs a layer through FSDP's hooks (all-gathers) when a rank's row count changes,
+        # and the cp groups' row counts differ: ranks would enter different collectives
+        raise ConfigError(
+            "activation.alpha=auto with parallel.mode=cp, parallel.shard=fsdp and several cp groups "
+            f"(parallel.data_parallel={mesh.dp_size}) would hang (the alpha probe all-gathers layers when "
+            "a group's row count changes); set activation.alpha to a number, or parallel.shard=none"
+        )
     if par.mode == "hdp":
         # the longest document a packed row can hold is train.seq_len tokens
         ring_size(cfg.train.seq_len, token_capacity(cfg), mesh.world_size)
@@ -144,6 +152,12 @@ def hdp_rows_per_step(cfg: JobConfig) -> int:
     if tokens is None:
         return cfg.data.micro_batch_size * cfg.train.grad_accum
     return tokens // cfg.train.seq_len
+
+
+def _probes_alpha(model: CausalLM) -> bool:
+    """Whether the activation executor measures alpha=auto when the row count changes."""
+    executor = model.layer_executor
+    return isinstance(executor, TokenwiseExecutor) and executor.alpha_resolver is not None
 
 
 def probe_with_local_core(model: CausalLM) -> None:

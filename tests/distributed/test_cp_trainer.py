@@ -96,12 +96,27 @@ def test_hdp_rings_and_packs_and_resume_on_another_world_size(tmp_path, longtrai
     assert [len(r["busy_s"]) for r in resumed] == [4, 4, 2, 2]
 
 
-@pytest.mark.parametrize("impl", ["ring", "ulysses"])
-def test_cp_two_ranks_logs_the_losses_of_one_process(tmp_path, longtrain_cmd, oracle, impl):
-    cp = ("parallel.mode=cp", "parallel.context_parallel=2", f"parallel.cp_impl={impl}")
-    proc = train(longtrain_cmd, tmp_path, "--nproc", "2", *cp)
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (2, ("parallel.cp_impl=ring",)),
+        (2, ("parallel.cp_impl=ulysses",)),
+        # 2 cp groups of 2 with micro-batches of 2 rows: the oracle's 4 rows a micro-batch; FSDP2
+        # over dp x cp (a fixed alpha: see check_layout)
+        (4, ("data.micro_batch_size=2", "parallel.shard=fsdp", "activation.alpha=0.5")),
+    ],
+    ids=["ring", "ulysses", "dp2 x cp2 fsdp"],
+)
+def test_cp_logs_the_losses_of_one_process(tmp_path, longtrain_cmd, oracle, nproc, extra):
+    cp = ("parallel.mode=cp", "parallel.context_parallel=2")
+    proc = train(longtrain_cmd, tmp_path, "--nproc", str(nproc), *cp, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_run(oracle, read_metrics(tmp_path))
+    run = read_metrics(tmp_path)
+    assert_same_run(oracle, run)
+    if "parallel.shard=fsdp" in extra:  # model states sharded over all 4 ranks
+        assert all(
+            b["optim_device_bytes"] < 0.3 * a["optim_device_bytes"] for a, b in zip(oracle, run, strict=True)
+        )
 
 
 def test_shards_with_padding_only_ranks_equal_one_process(tmp_path, free_port):

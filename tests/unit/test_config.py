@@ -175,10 +175,6 @@ def test_invalid_value_is_one_line_naming_the_key(override, expected):
             "parallel.shard=fsdp with parallel.mode=hdp is not supported",
         ),
         (
-            ["parallel.mode=cp", "parallel.context_parallel=2", "parallel.shard=fsdp"],
-            "parallel.shard=fsdp with parallel.mode=cp is not supported yet",
-        ),
-        (
             ["parallel.mode=hdp", "train.global_batch_tokens=1000"],
             "train.global_batch_tokens=1000 is not a multiple of train.seq_len=512",
         ),

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from longtrain.offload import apply_activation_memory
 from longtrain.parallel import Mesh
 from longtrain.parallel.shards import DocStream, pack_shard, ring_shard
 from longtrain.trainer.batches import StepBatches, check_layout, hdp_rows_per_step
@@ -90,3 +91,15 @@ def test_bad_layout_is_one_line_naming_the_key_before_the_first_step(overrides, 
     with pytest.raises(ConfigError) as info:
         check_layout(compose("tiny_cpu", overrides), mesh, _model())  # type: ignore[arg-type]
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cp_fsdp_over_several_groups_rejects_the_alpha_probe(make_tiny_model):
+    model = apply_activation_memory(
+        make_tiny_model("llama"), {"mode": "tokenwise", "alpha": "auto", "keep_last": 0}
+    )
+    cfg = compose("tiny_cpu", ["parallel.mode=cp", "parallel.context_parallel=2", "parallel.shard=fsdp"])
+    check_layout(cfg, _mesh(0, 2, cp=2), model)  # one cp group: every rank sees the same rows
+    with pytest.raises(ConfigError, match="set activation.alpha to a number"):
+        check_layout(cfg, _mesh(0, 4, cp=2), model)
+    apply_activation_memory(model, {"mode": "tokenwise", "alpha": 0.5})
+    check_layout(cfg, _mesh(0, 4, cp=2), model)
