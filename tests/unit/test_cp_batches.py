@@ -64,7 +64,9 @@ def test_hdp_ranks_together_run_the_documents_of_one_process():
                 tokens += work.shard.targets[0][keep].tolist()
         assert len(counts) == 1, "every rank knows the same global token count"
         assert rings > 0 or world == 1, "guard: some documents run on rings"
-        return sorted(tokens), counts.pop()
+        count = counts.pop()
+        assert count is not None, "hdp knows the global count without a collective"
+        return sorted(tokens), count
 
     one, count = tokens_of(1, one_cfg)
     assert len(one) == count > 0
