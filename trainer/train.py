@@ -114,7 +114,14 @@ def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, Pac
     on the number of ranks)."""
     data = tokenize_once(cfg, mesh)
     if cfg.parallel.mode == "hdp":
-        loader = PackedLoader(data.train, hdp_rows_per_step(cfg), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        rows = hdp_rows_per_step(cfg)
+        if len(data.train) < rows:
+            raise ConfigError(
+                f"only {len(data.train)} packed rows of train.seq_len={cfg.train.seq_len} tokens, fewer than the "
+                f"{rows} of one step (train.global_batch_tokens, null = data.micro_batch_size x train.grad_accum "
+                "rows); lower it or use more data (data.max_documents)"
+            )
+        loader = PackedLoader(data.train, rows, seed=cfg.seed, shuffle=cfg.data.shuffle)
     else:
         loader = train_loader(data, cfg.data, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
     return data.tokenizer, loader, data.val

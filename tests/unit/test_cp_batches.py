@@ -105,3 +105,13 @@ def test_cp_fsdp_over_several_groups_rejects_the_alpha_probe(make_tiny_model):
         check_layout(cfg, _mesh(0, 4, cp=2), model)
     apply_activation_memory(model, {"mode": "tokenwise", "alpha": 0.5})
     check_layout(cfg, _mesh(0, 4, cp=2), model)
+
+
+def test_hdp_global_batch_larger_than_the_data_is_one_line():
+    from longtrain.trainer.train import build_data
+
+    cfg = compose(
+        "tiny_cpu", ["parallel.mode=hdp", "data.max_documents=20", "train.global_batch_tokens=65536"]
+    )
+    with pytest.raises(ConfigError, match=r"fewer than the 128 of one step \(train.global_batch_tokens"):
+        build_data(cfg, _mesh(0, 1))
