@@ -7,7 +7,7 @@ satisfy the adapter's interface, injected by the trainer.
 """
 
 from .config import ParallelConfig
-from .mesh import Mesh, all_reduce_sum, broadcast_object, init_mesh, shutdown, sync_gradients
+from .mesh import Mesh, all_reduce_sum, all_reduce_sums, broadcast_object, init_mesh, shutdown, sync_gradients
 from .sharding import GradientSync, Sharding, apply_sharding
 from .zero3 import Zero3Spec
 
@@ -17,6 +17,7 @@ __all__ = [
     "ParallelConfig",
     "Sharding",
     "all_reduce_sum",
+    "all_reduce_sums",
     "apply_sharding",
     "broadcast_object",
     "init_mesh",

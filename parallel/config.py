@@ -8,22 +8,35 @@ from longtrain.config_checks import ConfigError, check_fields, option
 
 BACKENDS = ("auto", "gloo", "nccl")
 SHARDING = ("none", "fsdp", "deepspeed")
+MODES = ("dp", "cp", "hdp")
+CP_IMPLS = ("ring", "ulysses")
 
 
 @dataclass
 class ParallelConfig:
-    """data_parallel: number of data-parallel ranks (-1 = the whole world size).
-    context_parallel: ranks that share one long document (ring attention); 1 until the parallel
-        package lands.
+    """mode: dp (every rank trains on its own packed rows) | cp (a static dp x cp mesh: the documents
+        of a micro-batch are split over the ``context_parallel`` ranks of a cp group) | hdp (hybrid
+        data/context parallelism: each step the global batch is planned over all ranks, long
+        documents on rings of ranks, short ones packed; docs/parallel.md).
+    data_parallel: number of data-parallel ranks (-1 = the world size / context_parallel).
+    context_parallel: ranks of a cp group (mode cp only).
+    cp_impl: how a cp group computes attention (mode cp): ring (zigzag ring attention, any size) |
+        ulysses (all-to-all heads <-> sequence; the group size must divide the kv heads).
+    token_capacity: tokens per rank and micro-batch in mode hdp (null = train.seq_len x
+        data.micro_batch_size): documents longer than it run on rings, shorter ones are packed.
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
-        all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3;
-        parallel/fsdp.py) | deepspeed (a DeepSpeed ZeRO-3 engine built from longtrain's config, optimizer
-        state offloaded by DeepSpeed per optim.offload none / dram / nvme; parallel/zero3.py).
+        all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3, over
+        the dp ranks, in mode cp over dp x cp; not with mode hdp; parallel/fsdp.py) | deepspeed (a
+        DeepSpeed ZeRO-3 engine built from longtrain's config, optimizer state offloaded by DeepSpeed
+        per optim.offload none / dram / nvme; parallel/zero3.py).
     """
 
     data_parallel: int = -1
+    mode: str = option("dp", choices=MODES)
     context_parallel: int = option(1, min=1)
+    cp_impl: str = option("ring", choices=CP_IMPLS)
+    token_capacity: int | None = option(None, min=1)
     backend: str = option("auto", choices=BACKENDS)
     shard: str = option("none", choices=SHARDING)
 
@@ -33,14 +46,36 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.data_parallel must be -1 (world size) or a positive int, got {self.data_parallel}"
             )
-        if self.context_parallel != 1:
+        if self.context_parallel != 1 and self.mode != "cp":
             raise ConfigError(
-                f"parallel.context_parallel={self.context_parallel} is not available yet (hybrid data/context "
-                "parallelism is a later release); set parallel.context_parallel=1"
+                f"parallel.context_parallel={self.context_parallel} needs parallel.mode=cp (mode {self.mode} "
+                "has no static cp groups); set parallel.mode=cp or parallel.context_parallel=1"
+            )
+        if self.token_capacity is not None and self.mode != "hdp":
+            raise ConfigError(
+                f"parallel.token_capacity={self.token_capacity} applies to parallel.mode=hdp only; set "
+                "parallel.mode=hdp or parallel.token_capacity=null"
+            )
+        if self.mode != "dp" and self.shard == "deepspeed":
+            raise ConfigError(
+                f"parallel.shard=deepspeed with parallel.mode={self.mode} is not supported: the engine's "
+                "partitioning has not been combined with context parallelism yet; use parallel.shard=fsdp "
+                "(mode cp) or none"
+            )
+        if self.mode == "hdp" and self.shard == "fsdp":
+            raise ConfigError(
+                "parallel.shard=fsdp with parallel.mode=hdp is not supported: hdp ranks run different "
+                "numbers of micro-batches, and FSDP's per-layer all-gathers would wait on each other; "
+                "use parallel.shard=none"
             )
 
     def resolve_data_parallel(self, world_size: int) -> int:
-        dp = world_size if self.data_parallel == -1 else self.data_parallel
+        if self.mode == "hdp" and self.data_parallel not in (-1, world_size):
+            raise ConfigError(
+                f"parallel.data_parallel={self.data_parallel} does not match the world size {world_size} "
+                "(parallel.mode=hdp plans over all ranks); set parallel.data_parallel=-1"
+            )
+        dp = world_size // self.context_parallel if self.data_parallel == -1 else self.data_parallel
         if dp * self.context_parallel != world_size:
             raise ConfigError(
                 f"parallel.data_parallel={dp} x parallel.context_parallel={self.context_parallel} does not match "

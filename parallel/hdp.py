@@ -130,7 +130,7 @@ def ring_size(s: int, capacity: int, n_ranks: int, key: str = CAPACITY_KEY) -> i
         g += 1
     raise ConfigError(
         f"a document of {s} tokens does not fit {n_ranks} ranks x {capacity} tokens; raise {key}, "
-        "the number of ranks, or cut documents shorter (data.max_doc_len)"
+        "the number of ranks, or lower train.seq_len (the longest document)"
     )
 
 

@@ -19,9 +19,11 @@ from .config import ParallelConfig
 
 @dataclass
 class Mesh:
-    """rank/world_size over all processes; dp_rank/dp_size along the data-parallel axis.
+    """rank/world_size over all processes; dp_rank/dp_size along the data-parallel axis, cp_rank/
+    cp_size along the context-parallel axis (rank = dp_rank * cp_size + cp_rank).
     ``device_mesh``: the named layout ("dp", "cp") of a distributed job (None in one process); its
-    process groups are what collectives are given (``dp_group``; the world group for job totals)."""
+    process groups are what collectives are given (``dp_group``, ``cp_group``; the world group for
+    job totals)."""
 
     rank: int
     world_size: int
@@ -29,10 +31,22 @@ class Mesh:
     dp_size: int
     device: torch.device
     device_mesh: DeviceMesh | None = None
+    cp_rank: int = 0
+    cp_size: int = 1
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return None if self.device_mesh is None else self.device_mesh.get_group("cp")
+
+    @property
+    def cp_ranks(self) -> tuple[int, ...]:
+        """The global ranks of this rank's cp group, in cp order (a ring's order)."""
+        first = self.rank - self.cp_rank
+        return tuple(range(first, first + self.cp_size))
 
     @property
     def is_main(self) -> bool:
@@ -64,18 +78,19 @@ def init_mesh(cfg: ParallelConfig, device_name: str) -> Mesh:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     dp_size = cfg.resolve_data_parallel(world_size)
+    cp_size = cfg.context_parallel
     device_mesh = None
     if world_size > 1:
-        device_mesh = init_device_mesh(
-            device.type, (dp_size, cfg.context_parallel), mesh_dim_names=("dp", "cp")
-        )
+        device_mesh = init_device_mesh(device.type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
     return Mesh(
         rank=rank,
         world_size=world_size,
-        dp_rank=rank % dp_size,
+        dp_rank=rank // cp_size,  # the mesh is row-major: a cp group is consecutive ranks
         dp_size=dp_size,
         device=device,
         device_mesh=device_mesh,
+        cp_rank=rank % cp_size,
+        cp_size=cp_size,
     )
 
 
@@ -90,6 +105,19 @@ def all_reduce_sum(value: float | int, mesh: Mesh) -> float:
     return t.item()
 
 
+def all_reduce_sums(values: list[float], mesh: Mesh) -> list[float]:
+    """Sum several host scalars over all ranks in one collective."""
+    if not mesh.distributed:
+        return list(values)
+    t = torch.tensor(
+        [float(v) for v in values],
+        dtype=torch.float64,
+        device=mesh.device if mesh.device.type == "cuda" else "cpu",
+    )
+    dist.all_reduce(t, group=dist.group.WORLD)
+    return t.tolist()
+
+
 def broadcast_object(obj: Any, mesh: Mesh, src: int = 0) -> Any:
     """Rank ``src``'s Python object on every rank (decisions only one rank may take)."""
     if not mesh.distributed:
@@ -100,18 +128,24 @@ def broadcast_object(obj: Any, mesh: Mesh, src: int = 0) -> Any:
 
 
 def sync_gradients(model: nn.Module, mesh: Mesh, bucket_bytes: int = 25 * 2**20) -> None:
-    """Sum gradients over data-parallel ranks.
+    """Sum gradients over all ranks (every rank holds a replica: dp ranks, and the cp ranks that
+    share a document).
 
     Each rank's loss is its token-loss sum divided by the *global* token count, so the sum of the
-    ranks' gradients is the gradient of the global mean: ranks may hold different token counts.
+    ranks' gradients is the gradient of the global mean: ranks may hold different token counts,
+    and under hdp run different numbers of micro-batches. A rank that ran none has no gradients
+    yet: zeros take their place, so that every rank reduces the same buckets.
     Gradients are flattened into ~25 MiB buckets: few collectives, bounded extra memory.
     """
     if not mesh.distributed:
         return
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     for bucket in _buckets(grads, bucket_bytes):
         flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, group=mesh.dp_group)
+        dist.all_reduce(flat, group=dist.group.WORLD)
         offset = 0
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -133,8 +167,8 @@ def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Te
 
 
 class ReplicatedGradientSync:
-    """Replicated model states (``parallel.shard=none``): gradients summed over the data-parallel
-    ranks after a step's last backward (``sync_gradients``)."""
+    """Replicated model states (``parallel.shard=none``): gradients summed over all ranks after a
+    step's last backward (``sync_gradients``)."""
 
     def __init__(self, model: nn.Module, mesh: Mesh):
         self.model, self.mesh = model, mesh

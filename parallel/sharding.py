@@ -83,5 +83,9 @@ def apply_sharding(
         return Sharding(sync, forward=forward, optimizer=optimizer)
     from .fsdp import FsdpGradientSync, ShardedParams, apply_fsdp
 
-    apply_fsdp(model, mesh.device_mesh["dp"])
-    return Sharding(FsdpGradientSync(model), ShardedParams(model, mesh.dp_group))
+    # every rank holds a replica's worth of gradients to sum: shard over dp x cp (the cp ranks of a
+    # group see different rows of the same documents)
+    dm = mesh.device_mesh
+    shard_mesh = dm["dp"] if mesh.cp_size == 1 else dm["dp", "cp"]._flatten("dp_cp")
+    apply_fsdp(model, shard_mesh)
+    return Sharding(FsdpGradientSync(model), ShardedParams(model, shard_mesh.get_group()))

@@ -229,10 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}")
         return 2
+    print_result(result, args.json)
+    return 0
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    """The public figures of ``run``'s result: one JSON object, or one line per figure."""
     public = {k: v for k, v in result.items() if not k.startswith("_")}
-    if args.json:
+    if as_json:
         print(json.dumps(public))
     else:
         for k, v in public.items():
             print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
-    return 0

@@ -332,6 +332,7 @@ def _worker_ours(job: dict, rank: int) -> dict:
     """longtrain's trainer: ``prepare`` then ``Job.train_step`` on the shared rows."""
     import torch
 
+    from longtrain.trainer.batches import StepWork, row_work
     from longtrain.trainer.compose import compose
     from longtrain.trainer.data import MicroBatch
     from longtrain.trainer.train import prepare
@@ -376,7 +377,7 @@ def _worker_ours(job: dict, rank: int) -> dict:
             ids = _rows(step, rank, vocab, seq)
             mb = MicroBatch(ids, ids.clone(), torch.arange(seq).expand(1, seq).contiguous())
             start = time.perf_counter()
-            result = run.train_step([mb])
+            result = run.train_step(StepWork([row_work(mb)]))
             times.append(time.perf_counter() - start)
             losses.append(result.loss)
         stats = run.optimizer.stats()

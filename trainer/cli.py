@@ -3,10 +3,13 @@
     longtrain train RECIPE [key=value ...] [--nproc N] [--dry-run]
     longtrain recipes
     longtrain export RUN_DIR OUT_DIR [--step N]
+    longtrain simulate --ranks N --context L [--lengths FILE.json] [--json] [--png PATH]
 
 RECIPE is a name from recipes/ or a YAML path; overrides use Hydra syntax. ``--nproc N`` starts N
 local processes through torch.distributed.run, each running ``python -m longtrain.trainer``.
 ``export`` writes a run's checkpoint as a Hugging Face model directory (``export.py``).
+``simulate`` compares a static DP x CP mesh, naive HDP and balanced HDP on a length distribution
+with the planner and cost model (``parallel/simulate.py``; docs/parallel.md).
 User errors (config keys, files, checkpoints, world size) print one line and exit with status 2.
 """
 
@@ -50,7 +53,31 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--step", type=int, help="checkpoint step to export (default: the newest complete one)"
     )
+    # its options are parsed by run_simulate (they live with the simulator, whose imports are heavy)
+    sub.add_parser(
+        "simulate",
+        help="simulate a static DP x CP mesh vs naive and balanced HDP on document lengths "
+        "(longtrain simulate --help)",
+        add_help=False,
+    )
     return parser
+
+
+def run_simulate(argv: list[str]) -> int:
+    from longtrain.parallel.simulate import add_arguments, print_result, run
+
+    parser = argparse.ArgumentParser(
+        prog="longtrain simulate",
+        description="Static DP x CP mesh vs naive HDP vs balanced HDP (planner + cost model).",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except USER_ERRORS as e:
+        return _fail(str(e))
+    print_result(result, args.json)
+    return 0
 
 
 def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
@@ -140,6 +167,9 @@ def _quiet_deepspeed_detection() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_deepspeed_detection()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        return run_simulate(argv[1:])
     parser = _parser()
     # Overrides may follow options (`train tiny_cpu --nproc 2 train.steps=3`): argparse leaves
     # positionals that come after an option unparsed, so they are appended to the overrides here.

@@ -46,7 +46,10 @@ class TrainConfig:
     step.  log_every: steps between metric lines.  device: auto | cpu | cuda.
     eval_every: steps between validation passes over the held-out split (needs
     data.val_fraction > 0; 0 = only after the last step).  eval_batches: micro-batches per rank
-    per validation pass (null = the whole split)."""
+    per validation pass (null = the whole split).
+    global_batch_tokens: tokens of one optimizer step over all ranks, a multiple of seq_len
+    (parallel.mode=hdp: the same on any number of ranks; null = seq_len x data.micro_batch_size x
+    grad_accum). Modes dp and cp take grad_accum micro-batches per data-parallel rank."""
 
     steps: int = option(100, min=1)
     seq_len: int = option(512, min=1)
@@ -56,6 +59,7 @@ class TrainConfig:
     device: str = option("auto", choices=DEVICES)
     eval_every: int = option(0, min=0)
     eval_batches: int | None = option(None, min=1)
+    global_batch_tokens: int | None = option(None, min=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -159,6 +163,17 @@ class JobConfig:
             raise ConfigError(
                 f"train.eval_every={self.train.eval_every} needs a validation split: set data.val_fraction "
                 "(e.g. 0.05) or train.eval_every=0"
+            )
+        tokens = self.train.global_batch_tokens
+        if tokens is not None and self.parallel.mode != "hdp":
+            raise ConfigError(
+                f"train.global_batch_tokens={tokens} applies to parallel.mode=hdp; in mode {self.parallel.mode} a "
+                "step is data.micro_batch_size x train.grad_accum rows per data-parallel rank: set it to null"
+            )
+        if tokens is not None and tokens % self.train.seq_len:
+            raise ConfigError(
+                f"train.global_batch_tokens={tokens} is not a multiple of train.seq_len={self.train.seq_len}; "
+                "a step takes whole packed rows"
             )
         if self.model.sliding_window is not None and self.model.sliding_window < self.train.seq_len:
             raise ConfigError(

@@ -75,7 +75,12 @@ class ActivationBytes:
 
 
 def _tokens(cfg: JobConfig) -> int:
-    return cfg.data.micro_batch_size * cfg.train.seq_len  # token rows of one micro-batch
+    """Token rows of one micro-batch on one rank: its packed rows (dp), their share of a cp group
+    (cp; zigzag padding aside), at most the token capacity (hdp)."""
+    rows = cfg.data.micro_batch_size * cfg.train.seq_len
+    if cfg.parallel.mode == "hdp":
+        return cfg.parallel.token_capacity or rows
+    return -(-rows // cfg.parallel.context_parallel)
 
 
 def plain_activation_bytes(cfg: JobConfig, c: Any) -> int:

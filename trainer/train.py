@@ -2,8 +2,9 @@
 ``Job.run`` trains. ``train(cfg)`` does both.
 
 One optimizer step:
-    grad_accum micro-batches -> forward (layers run by the activation executor) -> chunked loss
-    / global token count -> backward -> sum gradients over data-parallel ranks -> the optimizer
+    this rank's micro-batches (batches.py: its own rows in mode dp, its shards of documents in
+    modes cp and hdp) -> forward (layers run by the activation executor) -> chunked loss
+    / global token count -> backward -> sum gradients over ranks -> the optimizer
     container clips and updates each sub-group on the tier holding its state (on one rank it may
     start during the last backward)
 """
@@ -30,6 +31,7 @@ from longtrain.parallel import (
     Sharding,
     Zero3Spec,
     all_reduce_sum,
+    all_reduce_sums,
     apply_sharding,
     broadcast_object,
     init_mesh,
@@ -37,7 +39,7 @@ from longtrain.parallel import (
 )
 from longtrain.trainer.data import (
     IGNORE_INDEX,
-    MicroBatch,
+    PackedData,
     PackedLoader,
     PackedRows,
     Tokenizer,
@@ -46,6 +48,7 @@ from longtrain.trainer.data import (
     train_loader,
 )
 
+from .batches import StepBatches, StepWork, Work, check_layout, hdp_rows_per_step, probe_with_local_core
 from .compose import to_yaml
 from .config import ConfigError, JobConfig
 from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, peak_memory_bytes
@@ -89,12 +92,39 @@ def check_loss_tokens(cfg: JobConfig, rows: PackedRows) -> None:
     )
 
 
+def tokenize_once(cfg: JobConfig, mesh: Mesh) -> PackedData:
+    """Rank 0 tokenizes and packs the documents, the other ranks receive its rows (or its error)."""
+    result: PackedData | str | None = None
+    if mesh.is_main:
+        try:
+            result = build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed)
+            check_tokenizer(cfg, result.tokenizer)
+            check_loss_tokens(cfg, result.train)
+        except ConfigError as e:
+            result = str(e)
+    result = broadcast_object(result, mesh)
+    if isinstance(result, str):
+        raise ConfigError(result)
+    assert result is not None
+    return result
+
+
 def build_data(cfg: JobConfig, mesh: Mesh) -> tuple[Tokenizer, PackedLoader, PackedRows | None]:
-    """Tokenizer, this rank's training loader and the validation rows (``data.val_fraction > 0``)."""
-    data = build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed)
-    check_tokenizer(cfg, data.tokenizer)
-    check_loss_tokens(cfg, data.train)
-    loader = train_loader(data, cfg.data, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
+    """Tokenizer, this rank's training loader and the validation rows (``data.val_fraction > 0``).
+    Mode hdp: every rank reads the whole global batch of a step (its position does not depend
+    on the number of ranks)."""
+    data = tokenize_once(cfg, mesh)
+    if cfg.parallel.mode == "hdp":
+        rows = hdp_rows_per_step(cfg)
+        if len(data.train) < rows:
+            raise ConfigError(
+                f"only {len(data.train)} packed rows of train.seq_len={cfg.train.seq_len} tokens, fewer than the "
+                f"{rows} of one step (train.global_batch_tokens, null = data.micro_batch_size x train.grad_accum "
+                "rows); lower it or use more data (data.max_documents)"
+            )
+        loader = PackedLoader(data.train, rows, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    else:
+        loader = train_loader(data, cfg.data, seed=cfg.seed, dp_rank=mesh.dp_rank, dp_world=mesh.dp_size)
     return data.tokenizer, loader, data.val
 
 
@@ -134,11 +164,11 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
 def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding):
     if sharding.optimizer is not None:  # an engine's own (parallel.shard=deepspeed)
         return sharding.optimizer, build_scheduler(sharding.optimizer, cfg.optim, cfg.train.steps)
-    # Under data parallelism gradients are final only after their sync: no update during backward.
+    # With several ranks gradients are final only after their sync: no update during backward.
     optimizer = make_optimizer(
         model,
         cfg.optim,
-        overlap_backward=mesh.dp_size == 1,
+        overlap_backward=not mesh.distributed,
         shards=sharding.shards,
     )
     return optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -172,8 +202,21 @@ class StepResult:
     grad_norm: float
     lr: float  # the learning rate this step's update used
     num_tokens: int  # loss tokens over all ranks and micro-batches
-    seen_tokens: int  # all input positions over all ranks (padding included)
+    seen_tokens: int  # all input positions of the global batch (padding included)
     model_flops: float  # over all ranks
+    busy_s: list[float]  # per rank: seconds of its forwards and backwards
+    stats: dict[str, float]  # the plan's figures (mode hdp)
+
+    def balance(self) -> dict[str, Any]:
+        """Per-rank busy time and its imbalance (max / mean)."""
+        mean = sum(self.busy_s) / len(self.busy_s)
+        return {
+            "busy_s": self.busy_s,
+            "busy_max_s": max(self.busy_s),
+            "busy_mean_s": mean,
+            "imbalance": max(self.busy_s) / mean if mean > 0 else 1.0,
+            **self.stats,
+        }
 
 
 @dataclass
@@ -182,6 +225,7 @@ class Job:
     mesh: Mesh
     tokenizer: Tokenizer
     loader: PackedLoader
+    batches: StepBatches
     model: CausalLM
     sharding: Sharding
     optimizer: OptimizerContainer
@@ -195,40 +239,47 @@ class Job:
             return torch.autocast(self.mesh.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro-batches (token-weighted across ranks)."""
+    def train_step(self, step: StepWork) -> StepResult:
+        """One optimizer step over this rank's micro-batches (token-weighted across ranks)."""
         mesh, model = self.mesh, self.sharding.forward or self.model  # an engine wraps the model
-        num_tokens = all_reduce_sum(sum(mb.num_loss_tokens for mb in micro_batches), mesh)
+        num_tokens = step.num_tokens
+        if num_tokens is None:
+            num_tokens = int(all_reduce_sum(sum(w.shard.num_loss_tokens for w in step.work), mesh))
         loss_sum, flops = 0.0, 0.0
-        for i, mb in enumerate(micro_batches):
-            mb = mb.to(mesh.device, non_blocking=True)
+        busy_start = time.perf_counter()
+        for i, work in enumerate(step.work):
+            mb = work.shard.to(mesh.device, non_blocking=True)
             with self.autocast():
                 out = model(
                     input_ids=mb.input_ids,
-                    labels=mb.labels,
+                    targets=mb.targets,
                     position_ids=mb.position_ids,
                     doc_spans=mb.doc_spans,
+                    attention=mb.attention,
                     loss_normalizer=max(num_tokens, 1),
                 )
-            last = i == len(micro_batches) - 1
+            last = i == len(step.work) - 1
             if last:
                 self.optimizer.before_last_backward()  # its gradients are final: updates may start
             self.sharding.grad_sync.before_backward(last)
             self.sharding.grad_sync.backward(out.loss)
             loss_sum += out.loss_sum.item()
-            flops += self._flops(mb)
+            flops += self._flops(work)
+        busy = time.perf_counter() - busy_start
         self.sharding.grad_sync.after_backward()
         lr = self.optimizer.param_groups[0]["lr"]  # before scheduler.step() moves it to the next step's
         grad_norm = self.optimizer.clip_and_step()  # clip to optim.grad_clip, update, drop the gradients
         self.scheduler.step()
-        seen = sum(mb.input_ids.numel() for mb in micro_batches)
+        loss_sum, flops, busy_s = all_reduce_step_totals(loss_sum, flops, busy, mesh)
         return StepResult(
-            loss=all_reduce_sum(loss_sum, mesh) / max(num_tokens, 1),
+            loss=loss_sum / max(num_tokens, 1),
             grad_norm=grad_norm,
             lr=lr,
             num_tokens=int(num_tokens),
-            seen_tokens=int(seen * mesh.dp_size),
-            model_flops=flops * mesh.dp_size,
+            seen_tokens=self.batches.tokens_per_step,
+            model_flops=flops,
+            busy_s=busy_s,
+            stats=step.stats,
         )
 
     @torch.no_grad()
@@ -238,11 +289,11 @@ class Job:
         mesh, model = self.mesh, self.sharding.forward or self.model
         loss_sum = 0.0
         num_tokens: float = 0  # token counts are ints; all_reduce_sum below is typed to return a float
-        for mb in eval_batches(
+        for mb in eval_batches(  # whole rows on every rank, each its own (no context parallelism)
             self.val_rows,
             self.cfg.data.micro_batch_size,
-            mesh.dp_rank,
-            mesh.dp_size,
+            mesh.rank,
+            mesh.world_size,
             self.cfg.train.eval_batches,
         ):
             mb = mb.to(mesh.device)
@@ -258,14 +309,14 @@ class Job:
         loss_sum, num_tokens = all_reduce_sum(loss_sum, mesh), all_reduce_sum(num_tokens, mesh)
         return {"val_loss": loss_sum / max(num_tokens, 1), "val_tokens": int(num_tokens)}
 
-    def _flops(self, mb: MicroBatch) -> float:
-        assert mb.doc_spans is not None  # MicroBatch computes them on construction
-        spans = mb.doc_spans.spans
-        mean_doc = sum((e - s) ** 2 for s, e in spans) / max(1, mb.input_ids.numel())
+    def _flops(self, work: Work) -> float:
+        """Model FLOPs of this rank's share of the documents ``work`` was cut from."""
+        tokens = sum(work.doc_lengths)
+        mean_doc = sum(n * n for n in work.doc_lengths) / max(1, tokens)
         cfg = self.model.config
         hidden_q = cfg.num_attention_heads * head_dim_of(cfg)
         per_token = model_flops_per_token(self._dense_params, cfg.num_hidden_layers, hidden_q, mean_doc)
-        return per_token * mb.input_ids.numel()
+        return per_token * tokens * work.share
 
     @functools.cached_property
     def _dense_params(self) -> int:
@@ -298,17 +349,11 @@ class Job:
         )
         peak = cfg.logging.peak_flops or detect_peak_flops(mesh.device, cfg.train.torch_dtype)
         logged: list[dict[str, Any]] = []
-        total_tokens = (
-            self.start_step
-            * cfg.train.grad_accum
-            * self.loader.micro_batch_size
-            * cfg.train.seq_len
-            * mesh.dp_size
-        )
+        total_tokens = self.start_step * self.batches.tokens_per_step
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         try:
             for step in range(self.start_step + 1, cfg.train.steps + 1):
-                result = self.train_step([next(self.loader) for _ in range(cfg.train.grad_accum)])
+                result = self.train_step(next(self.batches))
                 total_tokens += result.seen_tokens
                 window_tokens += result.seen_tokens
                 window_flops += result.model_flops
@@ -334,6 +379,8 @@ class Job:
                         **self.model.layer_executor_stats(),
                         **self.optimizer.stats(),
                     }
+                    if cfg.parallel.mode != "dp":
+                        metrics.update(result.balance())
                     window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if self.val_rows is not None and (
                     last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
@@ -356,6 +403,16 @@ class Job:
         return logged
 
 
+def all_reduce_step_totals(
+    loss_sum: float, flops: float, busy: float, mesh: Mesh
+) -> tuple[float, float, list[float]]:
+    """The loss sum and FLOPs over all ranks, and every rank's busy seconds, in one collective."""
+    busy_slots = [0.0] * mesh.world_size
+    busy_slots[mesh.rank] = busy
+    totals = all_reduce_sums([loss_sum, flops, *busy_slots], mesh)
+    return totals[0], totals[1], totals[2:]
+
+
 def wandb_run_id(output_dir: str) -> str:
     """One wandb run per output_dir: its id is made once and kept there, so a resume continues it."""
     path = Path(output_dir) / "wandb_run_id"
@@ -370,6 +427,10 @@ def prepare(cfg: JobConfig) -> Job:
     mesh = init_mesh(cfg.parallel, cfg.train.device)
     tokenizer, loader, val_rows = build_data(cfg, mesh)
     model = build_model(cfg, mesh, tokenizer.vocab_size)
+    check_layout(cfg, mesh, model)
+    if cfg.parallel.mode != "dp":
+        probe_with_local_core(model)
+    batches = StepBatches(cfg, mesh, loader, model)
     zero3 = Zero3Spec(cfg.optim, cfg.train.grad_accum, cfg.data.micro_batch_size, cfg.train.dtype)
     sharding = apply_sharding(cfg.parallel, model, mesh, zero3)
     optimizer, scheduler = build_optimizer(cfg, mesh, model, sharding)
@@ -396,6 +457,7 @@ def prepare(cfg: JobConfig) -> Job:
         mesh,
         tokenizer,
         loader,
+        batches,
         model,
         sharding,
         optimizer,

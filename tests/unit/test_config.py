@@ -144,7 +144,12 @@ def test_missing_recipe_file(tmp_path):
         ("activation.mode=swap", "activation.mode must be one of"),
         ("optim.warmup_steps=500", "optim.warmup_steps (500) exceeds train.steps (120)"),
         ("optim.name=lion", "optim.name must be one of adamw, sgd"),
-        ("parallel.context_parallel=2", "parallel.context_parallel=2"),
+        ("parallel.context_parallel=2", "parallel.context_parallel=2 needs parallel.mode=cp"),
+        ("parallel.mode=tp", "parallel.mode must be one of dp, cp, hdp, got 'tp'"),
+        ("parallel.cp_impl=star", "parallel.cp_impl must be one of ring, ulysses, got 'star'"),
+        ("parallel.token_capacity=64", "parallel.token_capacity=64 applies to parallel.mode=hdp only"),
+        ("parallel.token_capacity=0", "parallel.token_capacity must be a positive int, got 0"),
+        ("train.global_batch_tokens=4096", "train.global_batch_tokens=4096 applies to parallel.mode=hdp"),
         ("model.num_kv_heads=3", "model.num_heads (4) must be a multiple of model.num_kv_heads (3)"),
         ("model.family=gpt2", "model.family must be one of llama, qwen2, mistral"),
         ("model.sliding_window=64", "model.sliding_window=64 < train.seq_len=512"),
@@ -160,6 +165,23 @@ def test_missing_recipe_file(tmp_path):
 )
 def test_invalid_value_is_one_line_naming_the_key(override, expected):
     assert expected in config_error("tiny_cpu", [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["parallel.mode=hdp", "parallel.shard=fsdp"],
+            "parallel.shard=fsdp with parallel.mode=hdp is not supported",
+        ),
+        (
+            ["parallel.mode=hdp", "train.global_batch_tokens=1000"],
+            "train.global_batch_tokens=1000 is not a multiple of train.seq_len=512",
+        ),
+    ],
+)
+def test_bad_parallel_combination_is_one_line_naming_the_key(overrides, expected):
+    assert expected in config_error("tiny_cpu", overrides)
 
 
 @pytest.mark.parametrize(

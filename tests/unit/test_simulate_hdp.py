@@ -96,3 +96,22 @@ def test_cli_json_and_png(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "--lengths" in bad.stdout
+
+
+def test_longtrain_simulate_prints_the_issue_keys(tmp_path, capsys):
+    from longtrain.trainer.cli import main
+
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps(heavy_tailed_lengths(300, 65536, seed=1)))
+    assert main(["simulate", "--ranks", "16", "--context", "64K", "--lengths", str(lengths), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in (
+        "static_tokens_per_s",
+        "hdp_tokens_per_s",
+        "balanced_hdp_tokens_per_s",
+        "imbalance",
+        "planner_ms",
+    ):
+        assert out[key] > 0, key
+    assert main(["simulate", "--ranks", "4", "--lengths", str(tmp_path / "missing.json")]) == 2
+    assert "longtrain: error: --lengths" in capsys.readouterr().err

@@ -290,13 +290,18 @@ class CausalLM(nn.Module):
         return cos[0], sin[0]
 
     def layer_inputs(
-        self, input_ids: Tensor, position_ids: Tensor | None = None, doc_spans: DocSpans | None = None
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        doc_spans: DocSpans | None = None,
+        attention: AttentionBackend | None = None,
     ) -> tuple[Tensor, LayerContext]:
         """The first layer's input x_th [b * s, h] and the context all layers share.
 
         ``doc_spans``: the documents of the flattened rows, computed on the host by the data
         pipeline; without it they are read from ``position_ids`` (a device sync on GPU), and
-        without those every row is one document."""
+        without those every row is one document. ``attention``: the core for this forward (a
+        context-parallel core on a shard of the documents); None = the model's own."""
         b, s = input_ids.shape
         if doc_spans is None:
             doc_spans = (
@@ -309,7 +314,7 @@ class CausalLM(nn.Module):
         self.check_doc_len(doc_spans.max_len)
         x_th = self.model.embed_tokens(input_ids).view(b * s, -1)
         cos_td, sin_td = self.rope(x_th, position_ids.reshape(-1))
-        return x_th, LayerContext(cos_td, sin_td, doc_spans, self.attention_backend)
+        return x_th, LayerContext(cos_td, sin_td, doc_spans, attention or self.attention_backend)
 
     def forward(
         self,
@@ -318,19 +323,28 @@ class CausalLM(nn.Module):
         position_ids: Tensor | None = None,
         loss_normalizer: float | Tensor | None = None,
         doc_spans: DocSpans | None = None,
+        targets: Tensor | None = None,
+        attention: AttentionBackend | None = None,
         **unused,
     ) -> CausalLMOutput:
-        """input_ids, labels, position_ids: [b, s]; doc_spans: see ``layer_inputs``.
+        """input_ids, labels, position_ids: [b, s]; doc_spans, attention: see ``layer_inputs``.
+        ``targets`` [b, s]: labels already shifted (row i predicts targets[i]), for rows cut from a
+        longer stream (a context-parallel shard), where shifting inside the rows would be wrong;
+        give labels or targets, not both.
         Loss = sum of token losses / loss_normalizer (default: this batch's token count; the
         trainer passes the global count so that data/context-parallel ranks and accumulation
         micro-batches weigh every token equally)."""
+        if labels is not None and targets is not None:
+            raise ValueError("give labels (unshifted) or targets (shifted), not both")
         b, s = input_ids.shape
-        x_th, ctx = self.layer_inputs(input_ids, position_ids, doc_spans)
+        x_th, ctx = self.layer_inputs(input_ids, position_ids, doc_spans, attention)
         x_th = self.layer_executor(self.layer_parts, x_th, ctx)
         x_th = self.model.norm(x_th)
-        if labels is None:
-            return CausalLMOutput(logits=self.lm_head(x_th).view(b, s, -1))
-        targets_t = shift_labels(labels).reshape(-1)
+        if targets is None:
+            if labels is None:
+                return CausalLMOutput(logits=self.lm_head(x_th).view(b, s, -1))
+            targets = shift_labels(labels)
+        targets_t = targets.reshape(-1)
         loss_sum = fused_linear_cross_entropy(
             x_th, self.lm_head.weight, targets_t, bias_v=self.lm_head.bias, chunk_rows=self.loss_chunk_rows
         )

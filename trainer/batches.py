@@ -1,0 +1,174 @@
+"""What each rank runs in one optimizer step, per ``parallel.mode``.
+
+    dp   every rank: ``grad_accum`` micro-batches of its own packed rows (targets shifted per row)
+    cp   a static dp x cp mesh: a cp group takes one data-parallel rank's micro-batches; each is one
+         token stream (targets shifted on it), cut over the group's ranks per document (zigzag
+         ring attention) or into contiguous slices (Ulysses, all-to-all over the mesh's cp axis)
+    hdp  every rank reads the whole global batch (``train.global_batch_tokens``, independent of the
+         number of ranks) and plans it the same way (``plan_hdp``): documents longer than the
+         per-rank token capacity on rings of ranks, the rest in packs; a rank runs its jobs in the
+         global order (ranks may run different numbers of micro-batches, or none)
+
+``next_step()`` returns a ``StepWork``: this rank's shards (``parallel/shards.py``) and, where
+every rank knows it without a collective, the step's global loss-token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from longtrain.offload.tokenwise import TokenwiseExecutor
+from longtrain.parallel import Mesh
+from longtrain.parallel.hdp import DEFAULT_COST, CostModel, HdpPlan, plan_hdp, ring_size
+from longtrain.parallel.shards import DocStream, Shard, pack_shard, ring_shard, ulysses_shard
+from longtrain.parallel.ulysses import check_ulysses
+from longtrain.trainer.data import MicroBatch, PackedLoader
+from longtrain.trainer.model.adapter import CausalLM, shift_labels
+
+from .config import ConfigError, JobConfig
+
+
+@dataclass
+class Work:
+    """One forward/backward of a rank: its shard and the documents it is a ``share`` of (for FLOPs)."""
+
+    shard: Shard
+    doc_lengths: tuple[int, ...]  # lengths of the documents (rows) the shard was cut from
+    share: float = 1.0  # this rank's part of them (1 / ring size)
+
+
+@dataclass
+class StepWork:
+    work: list[Work]
+    num_tokens: int | None = None  # global loss tokens when known on every rank (hdp); None = sum them
+    stats: dict[str, float] = field(default_factory=dict)  # planned figures (hdp)
+
+
+def row_work(mb: MicroBatch) -> Work:
+    """A data-parallel micro-batch as it is: [b, s] rows, targets shifted inside each row."""
+    assert mb.doc_spans is not None  # MicroBatch computes them on construction
+    shard = Shard(mb.input_ids, shift_labels(mb.labels), mb.position_ids, mb.doc_spans)
+    return Work(shard, tuple(e - s for s, e in mb.doc_spans.spans))
+
+
+class StepBatches:
+    """Iterator of ``StepWork``; ``loader`` is what a checkpoint saves (its position)."""
+
+    def __init__(self, cfg: JobConfig, mesh: Mesh, loader: PackedLoader, model: CausalLM):
+        self.cfg, self.mesh, self.loader, self.model = cfg, mesh, loader, model
+        self.mode = cfg.parallel.mode
+        self.capacity = token_capacity(cfg)
+        self.cost: CostModel = DEFAULT_COST
+        self.last_plan: HdpPlan | None = None
+
+    def __iter__(self) -> Iterator[StepWork]:
+        return self
+
+    def __next__(self) -> StepWork:
+        if self.mode == "hdp":
+            return self._hdp_step(next(self.loader))
+        micro_batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
+        if self.mode == "dp":
+            return StepWork([row_work(mb) for mb in micro_batches])
+        return StepWork([self._cp_work(mb) for mb in micro_batches])
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input positions of one step's global batch (packed rows x seq_len, padding included)."""
+        rows = self.loader.micro_batch_size
+        if self.mode != "hdp":
+            rows *= self.cfg.train.grad_accum * self.mesh.dp_size
+        return rows * self.cfg.train.seq_len
+
+    def _cp_work(self, mb: MicroBatch) -> Work:
+        """This rank's part of a micro-batch of its cp group."""
+        assert mb.doc_spans is not None
+        stream = DocStream.from_rows(mb.input_ids, mb.labels, mb.doc_spans)
+        mesh, p = self.mesh, self.mesh.cp_size
+        if p == 1:
+            return Work(pack_shard(stream), tuple(stream.lengths))
+        if self.cfg.parallel.cp_impl == "ulysses":
+            shard = ulysses_shard(stream, mesh.cp_group, mesh.cp_rank, p, self.model.attention_backend)
+        else:
+            shard = ring_shard(stream, mesh.cp_ranks, mesh.rank, self.cfg.model.attention)
+        return Work(shard, tuple(stream.lengths), 1.0 / p)
+
+    def _hdp_step(self, mb: MicroBatch) -> StepWork:
+        """Plan the global batch (identically on every rank) and cut out this rank's jobs."""
+        assert mb.doc_spans is not None
+        stream = DocStream.from_rows(mb.input_ids, mb.labels, mb.doc_spans)
+        plan = plan_hdp(stream.lengths, self.mesh.world_size, self.capacity, self.cost)
+        self.last_plan = plan
+        work = []
+        for job in plan.rank_jobs(self.mesh.rank):
+            part = stream.select(job.docs)
+            if len(job.ranks) == 1:
+                work.append(Work(pack_shard(part), tuple(part.lengths)))
+            else:
+                shard = ring_shard(part, job.ranks, self.mesh.rank, self.cfg.model.attention)
+                work.append(Work(shard, tuple(part.lengths), 1.0 / len(job.ranks)))
+        per_rank = [len(plan.rank_jobs(r)) for r in range(plan.n_ranks)]
+        stats = {
+            "hdp_jobs": len(plan.jobs),
+            "hdp_rings": sum(len(j.ranks) > 1 for j in plan.jobs),
+            "hdp_rank_jobs_min": min(per_rank),
+            "hdp_rank_jobs_max": max(per_rank),
+            "planned_imbalance": plan.imbalance,
+        }
+        return StepWork(work, num_tokens=stream.num_loss_tokens, stats=stats)
+
+
+def token_capacity(cfg: JobConfig) -> int:
+    """Tokens per rank and micro-batch in mode hdp (``parallel.token_capacity``)."""
+    if cfg.parallel.token_capacity is not None:
+        return cfg.parallel.token_capacity
+    return cfg.train.seq_len * cfg.data.micro_batch_size
+
+
+def check_layout(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> None:
+    """Context-parallel settings that need the world size or the model, checked before the first step."""
+    par = cfg.parallel
+    if par.mode == "cp" and par.cp_impl == "ulysses":
+        c = model.config
+        check_ulysses(c.num_attention_heads, c.num_key_value_heads, mesh.cp_size)
+    if par.mode == "cp" and par.shard == "fsdp" and mesh.dp_size > 1 and _probes_alpha(model):
+        # the probe runs a layer through FSDP's hooks (all-gathers) when a rank's row count changes,
+        # and the cp groups' row counts differ: ranks would enter different collectives
+        raise ConfigError(
+            "activation.alpha=auto with parallel.mode=cp, parallel.shard=fsdp and several cp groups "
+            f"(parallel.data_parallel={mesh.dp_size}) would hang (the alpha probe all-gathers layers when "
+            "a group's row count changes); set activation.alpha to a number, or parallel.shard=none"
+        )
+    if par.mode == "hdp":
+        # the longest document a packed row can hold is train.seq_len tokens
+        ring_size(cfg.train.seq_len, token_capacity(cfg), mesh.world_size)
+
+
+def hdp_rows_per_step(cfg: JobConfig) -> int:
+    """Packed rows of one hdp step: ``train.global_batch_tokens / train.seq_len``."""
+    tokens = cfg.train.global_batch_tokens
+    if tokens is None:
+        return cfg.data.micro_batch_size * cfg.train.grad_accum
+    return tokens // cfg.train.seq_len
+
+
+def _probes_alpha(model: CausalLM) -> bool:
+    """Whether the activation executor measures alpha=auto when the row count changes."""
+    executor = model.layer_executor
+    return isinstance(executor, TokenwiseExecutor) and executor.alpha_resolver is not None
+
+
+def probe_with_local_core(model: CausalLM) -> None:
+    """activation.alpha=auto profiles one layer forward whenever a new row count appears. Under cp
+    and hdp that forward's core would be a ring or Ulysses core whose partners are not probing (a
+    hang), so the probe runs the model's own core on the local rows instead: it measures the
+    row-wise work and bytes per row, which do not depend on the core."""
+    executor = model.layer_executor
+    if not isinstance(executor, TokenwiseExecutor) or executor.alpha_resolver is None:
+        return
+    resolve, local = executor.alpha_resolver, model.attention_backend
+    executor.alpha_resolver = lambda layers, x, ctx: resolve(
+        layers, x, dataclasses.replace(ctx, backend=local)
+    )
