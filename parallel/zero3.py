@@ -121,12 +121,12 @@ def deepspeed_config(spec: Zero3Spec, dp_size: int) -> dict[str, Any]:
     }
 
 
-def _layer_call_zero3(module: nn.Module, fn: Callable[[Tensor], Tensor], x_th: Tensor) -> Tensor:
-    """``LAYER_METHOD`` of a decoder layer under ZeRO-3: ``fn(x_th)`` as the module's forward for
-    this one call, so that ``__call__`` runs ZeRO-3's hooks around it (see the module docstring)."""
+def _layer_call_zero3(module: nn.Module, fn: Callable[..., Any], x_th: Tensor, *args: Any) -> Any:
+    """``LAYER_METHOD`` of a decoder layer under ZeRO-3: ``fn(x_th, *args)`` as the module's forward
+    for this one call, so that ``__call__`` runs ZeRO-3's hooks around it (see the module docstring)."""
     module.forward = fn  # an instance attribute shadows the class's forward
     try:
-        return module(x_th)
+        return module(x_th, *args)
     finally:
         del module.forward
 
