@@ -114,9 +114,9 @@ def test_every_forward_gets_the_host_document_spans(tmp_path, monkeypatch):
     given = []
     original = CausalLM.layer_inputs
 
-    def spy(self, input_ids, position_ids=None, doc_spans=None):
+    def spy(self, input_ids, position_ids=None, doc_spans=None, *rest):
         given.append(doc_spans)
-        return original(self, input_ids, position_ids, doc_spans)
+        return original(self, input_ids, position_ids, doc_spans, *rest)
 
     monkeypatch.setattr(CausalLM, "layer_inputs", spy)
     cfg = compose(

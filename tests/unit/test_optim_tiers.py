@@ -535,7 +535,9 @@ def test_resident_host_bytes_never_exceed_the_dram_budget(tmp_path, make_tiny_mo
         monkeypatch.setattr(tiers.NvmeTier, name, sampled)
     opt = build_optimizer(model, cfg)
     built = HOST_BUFFERS.nbytes() - before
-    assert opt.placement.tiers[:2] == ("dram", "dram") and set(opt.placement.tiers[2:]) == {"nvme"}
+    # the placement ILP (or its greedy fallback) picks which sub-groups spill from measured
+    # bandwidths; what this test holds to is the budget: the state cannot all stay in DRAM
+    assert "nvme" in opt.placement.tiers and opt.placement.dram_bytes(state) <= budget
     _, stats, _ = run_pair(model, ref_model, opt, cfg, fixed_grads(model, 3, 2))
     assert samples and max(samples) <= budget and set(samples) == {built}  # nothing allocated per step
     assert stats[-1]["optim_dram_bytes"] == built <= budget
