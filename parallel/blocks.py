@@ -25,7 +25,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from longtrain.trainer.model.attention import AttentionBackend, CpuFlashAttention, DocSpans, FlashAttnVarlen
+from longtrain.trainer.model.attention import (
+    AttentionBackend,
+    CpuFlashAttention,
+    DocSpans,
+    FlashAttnVarlen,
+    cpu_flash_backward,
+    cpu_flash_forward,
+)
 
 Cu = tuple[int, ...]
 
@@ -160,14 +167,6 @@ class MathBlocks(_PerPairBlocks):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _bhsd(x_tnd: Tensor) -> Tensor:
-    return x_tnd.transpose(0, 1).unsqueeze(0)
-
-
-def _tnd(x_1nsd: Tensor) -> Tensor:
-    return x_1nsd.squeeze(0).transpose(0, 1)
-
-
 class CpuFlashBlocks(_PerPairBlocks):
     """torch's CPU flash kernel: causal blocks through ``CpuFlashAttention`` (the single-process
     core, so the diagonal block runs the same kernel), full blocks through the same aten op with
@@ -191,24 +190,10 @@ class CpuFlashBlocks(_PerPairBlocks):
         return super().backward(dout, q, k, v, out, lse, cu_q, cu_k, False, scale)
 
     def pair_forward(self, q, k, v, causal, scale):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
-        )
-        return _tnd(o), lse.squeeze(0)
+        return cpu_flash_forward(q, k, v, causal, scale)
 
     def pair_backward(self, dout, q, k, v, out, lse, causal, scale):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dout).contiguous(),
-            _bhsd(q),
-            _bhsd(k),
-            _bhsd(v),
-            _bhsd(out),
-            lse.unsqueeze(0).contiguous(),
-            0.0,
-            causal,
-            scale=scale,
-        )
-        return _tnd(dq), _tnd(dk), _tnd(dv)
+        return cpu_flash_backward(dout, q, k, v, out, lse, causal, scale)
 
 
 class FlashAttnBlocks:

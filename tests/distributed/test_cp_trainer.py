@@ -8,13 +8,12 @@ the same documents (loss tokens per step) and log the same loss and gradient nor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -122,26 +121,7 @@ def test_cp_logs_the_losses_of_one_process(tmp_path, longtrain_cmd, oracle, npro
 def test_shards_with_padding_only_ranks_equal_one_process(tmp_path, free_port):
     """Ring and Ulysses shards (token-wise executor, tiles) summed over 2 ranks equal one process;
     a rank holding only padding contributes loss 0 and zero gradients, never NaN."""
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port)}
-    env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SHARDS_WORKER), str(tmp_path)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_ranks(SHARDS_WORKER, 2, free_port, tmp_path)
     for res in results:
         for case, r in res.items():
             assert r["finite"], (case, r)

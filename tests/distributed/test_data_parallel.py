@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -16,32 +15,7 @@ WORKER = Path(__file__).with_name("_dp_grad_worker.py")
 
 
 def test_dp_gradients_equal_single_process(tmp_path, free_port):
-    env = {
-        **os.environ,
-        "WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port),
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-3000:]
-
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_ranks(WORKER, 2, free_port, tmp_path)
     assert {r["rank"] for r in results} == {0, 1}
     counts = [r["local_count"] for r in results]
     assert counts[0] != counts[1] and sum(counts) == results[0]["global_count"]

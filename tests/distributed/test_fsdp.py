@@ -8,42 +8,17 @@ sharded run sums gradients over ranks in another order); the trainer's losses wi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_fsdp_worker.py")
 TOKENWISE_TILES = {"mode": "tokenwise", "alpha": 0.37, "keep_last": 1, "tile_rows": 16}
-
-
-def run_ranks(tmp_path: Path, port: int, world: int, optim: dict, activation: dict) -> list[dict]:
-    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env["OMP_NUM_THREADS"] = "1"
-    args = [sys.executable, str(WORKER), str(tmp_path), json.dumps(optim), json.dumps(activation)]
-    procs = [
-        subprocess.Popen(
-            args,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +36,9 @@ def run_ranks(tmp_path: Path, port: int, world: int, optim: dict, activation: di
 )
 def test_fsdp_equals_one_process(tmp_path, free_port, world, optim, activation):
     optim = {k: (str(tmp_path) if v == "{tmp}" else v) for k, v in optim.items()}
-    results = run_ranks(tmp_path, free_port, world, optim, activation)
+    results = run_ranks(
+        WORKER, world, free_port, tmp_path, json.dumps(optim), json.dumps(activation), timeout=120
+    )
     for r in results:
         assert r["moved"] > 1e-6, "guard: training must change the parameters"
         assert r["worst_rel"] <= 1e-10, r

@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_ring_worker.py")
-
-
-def _launch(world: int, out_dir: Path, port: int) -> list[dict]:
-    env = {
-        **os.environ,
-        "WORLD_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out_dir)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, output[-3000:]
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def _check(results: list[dict], expected_cases: set[str]) -> None:
@@ -57,7 +26,7 @@ def _check(results: list[dict], expected_cases: set[str]) -> None:
 
 
 def test_ring_and_ulysses_two_ranks(tmp_path, free_port):
-    results = _launch(2, tmp_path, free_port)
+    results = run_ranks(WORKER, 2, free_port, tmp_path)
     _check(
         results,
         {
@@ -72,7 +41,7 @@ def test_ring_and_ulysses_two_ranks(tmp_path, free_port):
 
 
 def test_ring_and_ulysses_four_ranks(tmp_path, free_port):
-    results = _launch(4, tmp_path, free_port)
+    results = run_ranks(WORKER, 4, free_port, tmp_path)
     _check(
         results,
         {

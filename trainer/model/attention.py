@@ -112,6 +112,32 @@ def _tnd(x_1nsd: Tensor) -> Tensor:
     return x_1nsd.squeeze(0).transpose(0, 1)  # [1, n, t, d] -> [t, n, d]
 
 
+def cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """torch's CPU flash kernel on one query block and one key block (thd layout): (out, lse)."""
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
+    )
+    return _tnd(o), lse.squeeze(0)
+
+
+def cpu_flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of ``cpu_flash_forward``: (dq, dk, dv)."""
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _bhsd(dout).contiguous(),
+        _bhsd(q),
+        _bhsd(k),
+        _bhsd(v),
+        _bhsd(out),
+        lse.unsqueeze(0).contiguous(),
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return _tnd(dq), _tnd(dk), _tnd(dv)
+
+
 class _PerDocBackend:
     """Shared per-document loop; subclasses implement one causal document."""
 
@@ -175,24 +201,10 @@ class CpuFlashAttention(_PerDocBackend):
     name = "cpu_flash"
 
     def doc_forward(self, q, k, v, scale):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, True, scale=scale
-        )
-        return _tnd(o), lse.squeeze(0)
+        return cpu_flash_forward(q, k, v, True, scale)
 
     def doc_backward(self, dout, q, k, v, out, lse, scale):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dout).contiguous(),
-            _bhsd(q),
-            _bhsd(k),
-            _bhsd(v),
-            _bhsd(out),
-            lse.unsqueeze(0).contiguous(),
-            0.0,
-            True,
-            scale=scale,
-        )
-        return _tnd(dq), _tnd(dk), _tnd(dv)
+        return cpu_flash_backward(dout, q, k, v, out, lse, True, scale)
 
 
 class SdpaAttention(_PerDocBackend):
