@@ -67,6 +67,7 @@ from bench_common import (
     mib,
     paired,
     peak_rss,
+    print_result,
     read,
     search_lengths,
     spawn,
@@ -589,14 +590,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.file_dir, ignore_errors=True)
     result = report(timing, search, args)
-    if code_version().split("+")[1] != args.code_start.split("+")[1]:  # the measured sources, not HEAD
-        print(
-            f"WARNING: offload/ or trainer/model/ changed during the run ({args.code_start} -> {code_version()})"
-        )
-        result["detail"]["code_end"] = code_version()
-    result["detail"]["wall_s"] = round(time.time() - t_start, 1)
-    result["detail"]["command"] = " ".join(["python", "scripts/bench_activations.py", *sys.argv[1:]])
-    print(json.dumps(result))
+    print_result(result, args, t_start, "bench_activations.py")
 
 
 if __name__ == "__main__":
