@@ -1,6 +1,6 @@
 """The longest sequence on one device: longtrain against the ALST single-device stack (issue 10).
 
-    python scripts/bench_length.py --quick   # hidden 256, intermediate 896, 4/2 heads, 6 layers, 0.75 GiB
+    python scripts/bench_length.py --quick   # hidden 128, intermediate 448, 4/2 heads, 16 layers, 0.75 GiB
     python scripts/bench_length.py           # hidden 512, intermediate 1792, 8/4 heads, 16 layers, 1.5 GiB
     python scripts/bench_length.py --search-layers 32   # the length search on a 32-layer model
 
@@ -41,12 +41,16 @@ The ALST stack (DeepSpeed/ArcticTraining's recipe on one device, built by ``buil
 
 Fairness, the same for every system:
 
-* Allocator policy: every system trims the glibc heap at every layer boundary (our systems with
-  ``activation.trim_heap=true``; ALST with the same trimmer on HF's layers: a forward pre-hook
-  before every layer after the first, and a hook on each layer output's gradient, where that
-  layer's backward starts, as ``offload/recompute.py``'s baselines do). No system sets an mmap
-  threshold; every worker gets the same environment and imports the same modules (DeepSpeed's
-  included), so the fixed footprints differ only by what each system builds.
+* Allocator policy: every worker gets the same environment and imports the same modules
+  (DeepSpeed's included), so the fixed footprints differ only by what each system builds. With
+  ``--allocator fixed`` (default) every worker runs with ``MALLOC_MMAP_THRESHOLD_=131072``: blocks
+  from 128 KiB up are mmapped and unmapped when freed, so peak RSS follows the bytes in use (glibc's
+  default raises the threshold after the first large free, and then RSS measures what the heap
+  keeps as much as what a system holds). Under both policies every system also trims the heap at
+  every layer boundary (our systems with ``activation.trim_heap=true``; ALST with the same trimmer
+  on HF's layers: a forward pre-hook before every layer after the first, and a hook on each layer
+  output's gradient, where that layer's backward starts, as ``offload/recompute.py``'s baselines
+  do). ``--allocator trim``: the trims only, glibc's dynamic threshold.
 * Memory per token: each system's peak RSS during one step above its RSS after building (before
   its first step), at ``--slope-lengths`` (>= 3, each in a fresh process, none below the loss
   chunk, whose transient is then the same at every length); the slope of a linear least-squares
@@ -118,7 +122,12 @@ TARGETS: dict[str, tuple[str, float]] = {
     "mem_per_token_vs_alst": ("<=", 0.67),
 }
 FULL_MODEL = {"hidden": 512, "intermediate": 1792, "heads": 8, "kv_heads": 4, "layers": 16}
-QUICK_MODEL = {"hidden": 256, "intermediate": 896, "heads": 4, "kv_heads": 2, "layers": 6}
+# quick: the full model's 16 layers at a quarter of its width, so the two terms the systems trade
+# (ALST keeps every layer's input; ours keeps one layer's transient) weigh as in the full model
+QUICK_MODEL = {"hidden": 128, "intermediate": 448, "heads": 4, "kv_heads": 2, "layers": 16}
+# glibc serves blocks from this size up with their own mmap and unmaps them on free, so RSS follows
+# the bytes in use instead of what the heap kept (the issue's reference measurement fixed it too)
+MMAP_THRESHOLD = 128 * 1024
 
 
 def activation_cfg(system: str, tile_rows: int | str, file_dir: str, link_gbps: float | None = None) -> dict:
@@ -596,7 +605,10 @@ def sweep(args) -> dict:
 # ------------------------------------------------------------------------------------ report
 def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dict:
     kib = 1024
-    print(f"\n### Peak-RSS growth per token ({args.spec['layers']} layers, tile_rows {args.tile_rows})\n")
+    print(
+        f"\n### Peak-RSS growth per token ({args.spec['layers']} layers, tile_rows {args.tile_rows}, "
+        f"allocator {args.allocator})\n"
+    )
     table_header(["system", "KiB / token", "fixed per step MiB", "R^2", "points (len: MiB above built)"])
     for s, f in slopes.items():
         pts = ", ".join(f"{p['len']}: {p['growth'] / 2**20:.0f}" for p in f["points"])
@@ -673,6 +685,7 @@ def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dic
         "targets": {k: list(v) for k, v in TARGETS.items()},
         "intervals": intervals,
         "tile_rows": args.tile_rows,
+        "allocator": args.allocator,
         "model": args.spec,
         "model_search": args.spec_search,
         "rss_budget_bytes": args.budget,
@@ -741,6 +754,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="emulated link GB/s, or 'calibrate' (alpha 0.5's copy = one layer forward)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=("fixed", "trim"),
+        default="fixed",
+        help=f"fixed: every worker runs with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (default); trim: glibc's dynamic threshold",
+    )
+    parser.add_argument(
         "--loss-chunk-rows",
         type=int,
         default=1024,
@@ -793,6 +812,9 @@ def main() -> None:
     args = parse_args()
     check_configs(args)
     args.env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(TORCH_THREADS))
+    args.env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.allocator == "fixed":
+        args.env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     args.loadavg_start = list(os.getloadavg())
     args.code_start = code_version()
     t_start = time.time()

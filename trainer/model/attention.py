@@ -112,30 +112,81 @@ def _tnd(x_1nsd: Tensor) -> Tensor:
     return x_1nsd.squeeze(0).transpose(0, 1)  # [1, n, t, d] -> [t, n, d]
 
 
+def _kv_groups(q: Tensor, k: Tensor):
+    """GQA without materialising repeated k/v: per kv head j, (query heads of its group, the kernel's
+    [1, g, t, d] view of head j repeated g times by a stride-0 head axis). One group of all heads
+    when there is no GQA. The CPU flash kernel reads strided inputs, and each head's result is
+    the one the repeated-copy inputs give, bit for bit (tests/unit/test_attention_gqa.py)."""
+    n, n_kv = q.shape[1], k.shape[1]
+    if n == n_kv:
+        yield slice(0, n), slice(0, n), 1
+        return
+    g = n // n_kv
+    for j in range(n_kv):
+        yield slice(j * g, (j + 1) * g), slice(j, j + 1), g
+
+
+def _kv_view(kv_tkd: Tensor, heads: slice, g: int) -> Tensor:
+    kv = _bhsd(kv_tkd[:, heads])  # [1, kv heads, t, d]
+    return kv if g == 1 else kv.expand(1, g, kv.shape[2], kv.shape[3])
+
+
 def cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """torch's CPU flash kernel on one query block and one key block (thd layout): (out, lse)."""
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
-    )
-    return _tnd(o), lse.squeeze(0)
+    """torch's CPU flash kernel on one query block and one key block (thd layout; k/v may have
+    fewer heads than q, GQA): (out [tq, n, d], lse [n, tq])."""
+    groups = list(_kv_groups(q, k))
+    if q.shape[1] == k.shape[1]:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
+        )
+        # the kernel lays out o as [t, n, d] (a no-op here) and lse as [t, n]: the callers save
+        # both for backward and map views into contiguous storages
+        return _tnd(o).contiguous(), lse.squeeze(0).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q), device=q.device)
+    for heads, kv_heads, g in groups:
+        o_g, lse_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q[:, heads]), _kv_view(k, kv_heads, g), _kv_view(v, kv_heads, g), 0.0, causal, scale=scale
+        )
+        out[:, heads] = _tnd(o_g)
+        lse[heads] = lse_g.squeeze(0)
+        del o_g, lse_g
+    return out, lse
 
 
 def cpu_flash_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward of ``cpu_flash_forward``: (dq, dk, dv)."""
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        _bhsd(dout).contiguous(),
-        _bhsd(q),
-        _bhsd(k),
-        _bhsd(v),
-        _bhsd(out),
-        lse.unsqueeze(0).contiguous(),
-        0.0,
-        causal,
-        scale=scale,
-    )
-    return _tnd(dq), _tnd(dk), _tnd(dv)
+    """The backward of ``cpu_flash_forward``: (dq, dk, dv), dk/dv with k's heads. Under GQA each
+    group's dq is written into one [tq, n, d] buffer and its dk/dv summed over the group's query
+    heads, so no [t, n, d] copy of k, v or their gradients exists (the kernel reads strided dout)."""
+    groups = list(_kv_groups(q, k))
+    lse_1nt = lse.unsqueeze(0).contiguous()
+
+    def kernel(heads: slice, kv_heads: slice, g: int) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout[:, heads]),
+            _bhsd(q[:, heads]),
+            _kv_view(k, kv_heads, g),
+            _kv_view(v, kv_heads, g),
+            _bhsd(out[:, heads]),
+            lse_1nt[:, heads],
+            0.0,
+            causal,
+            scale=scale,
+        )
+
+    if q.shape[1] == k.shape[1]:
+        dq, dk, dv = kernel(*groups[0])
+        return _tnd(dq), _tnd(dk), _tnd(dv)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for heads, kv_heads, g in groups:
+        dq_g, dk_g, dv_g = kernel(heads, kv_heads, g)
+        dq[:, heads] = _tnd(dq_g)
+        dk[:, kv_heads] = _tnd(dk_g).sum(dim=1, keepdim=True)  # [t, g, d] -> [t, 1, d]
+        dv[:, kv_heads] = _tnd(dv_g).sum(dim=1, keepdim=True)
+        del dq_g, dk_g, dv_g  # before the next group's kernel allocates its own
+    return dq, dk, dv
 
 
 class _PerDocBackend:
@@ -196,9 +247,31 @@ class ReferenceAttention(_PerDocBackend):
 
 
 class CpuFlashAttention(_PerDocBackend):
-    """torch's CPU flash kernel: returns the logsumexp and has a backward that consumes it."""
+    """torch's CPU flash kernel: returns the logsumexp and has a backward that consumes it. The
+    kernel takes k/v with fewer heads (see ``_kv_groups``), and one document runs without the
+    per-document buffers: at the attention backward, the peak of a token-wise layer, this holds
+    about 8 [t, hidden] tensors fewer than expanding k/v and copying the kernel's results."""
 
     name = "cpu_flash"
+
+    def forward(self, q, k, v, docs, scale):
+        if len(docs.spans) == 1:
+            return cpu_flash_forward(q, k, v, True, scale)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q), device=q.device)
+        for s0, s1 in docs.spans:
+            out[s0:s1], lse[:, s0:s1] = cpu_flash_forward(q[s0:s1], k[s0:s1], v[s0:s1], True, scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, docs, scale):
+        if len(docs.spans) == 1:
+            return cpu_flash_backward(dout, q, k, v, out, lse, True, scale)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for s0, s1 in docs.spans:
+            dq[s0:s1], dk[s0:s1], dv[s0:s1] = cpu_flash_backward(
+                dout[s0:s1], q[s0:s1], k[s0:s1], v[s0:s1], out[s0:s1], lse[:, s0:s1], True, scale
+            )
+        return dq, dk, dv
 
     def doc_forward(self, q, k, v, scale):
         return cpu_flash_forward(q, k, v, True, scale)
