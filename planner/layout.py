@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 ALIGN = 64
+MIP_OVERHEAD_S = 0.5  # kept back from CBC's time limit, so that all stages end within the limit
 
 
 class Item(NamedTuple):
@@ -254,10 +255,19 @@ def plan_layout(
     offsets, method, status = greedy, "greedy", "not needed"
     search_peak = mip_peak = None
     if greedy_peak > bound:
-        by_address = sorted(range(len(units)), key=lambda i: (greedy[i], i))
-        found = compact(units, search_order(units, by_address, bound, search_steps, time_limit_s / 2))
-        search_peak = peak_of(units, found)
-        if search_peak < greedy_peak:
+        # Restarts with the next seed from the best order so far, until the bound or half the time.
+        deadline = t0 + time_limit_s / 2
+        order = sorted(range(len(units)), key=lambda i: (greedy[i], i))
+        seed = 0
+        while True:  # each restart returns an order at least as good as the one it started from
+            order = search_order(units, order, bound, search_steps, deadline - time.perf_counter(), seed)
+            found = compact(units, order)
+            found_peak = peak_of(units, found)
+            if found_peak <= bound or search_steps == 0 or time.perf_counter() >= deadline:
+                break
+            seed += 1
+        search_peak = found_peak
+        if found_peak < greedy_peak:
             offsets, method = found, "search"
     best_peak = peak_of(units, offsets)
     if best_peak > bound:
