@@ -165,13 +165,21 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
-def print_result(result: dict, args, t_start: float, script: str) -> None:
+def print_result(
+    result: dict,
+    args,
+    t_start: float,
+    script: str,
+    subdirs: tuple[str, ...] = ("offload", os.path.join("trainer", "model")),
+) -> None:
     """The last stdout line of a benchmark: ``result`` as JSON, its detail stamped with the wall
     time, the command, and (with a warning) the measured sources' version if they changed during
-    the run (``args.code_start``: ``code_version()`` at the start)."""
-    end = code_version()
+    the run (``args.code_start``: ``code_version(subdirs)`` at the start)."""
+    end = code_version(subdirs)
     if end.split("+")[1] != args.code_start.split("+")[1]:  # the measured sources, not HEAD
-        print(f"WARNING: offload/ or trainer/model/ changed during the run ({args.code_start} -> {end})")
+        print(
+            f"WARNING: {' or '.join(d + '/' for d in subdirs)} changed during the run ({args.code_start} -> {end})"
+        )
         result["detail"]["code_end"] = end
     result["detail"]["wall_s"] = round(time.time() - t_start, 1)
     result["detail"]["command"] = " ".join(["python", f"scripts/{script}", *sys.argv[1:]])

@@ -1,0 +1,142 @@
+"""Arena planning on recorded layer traces: planned peak vs the max-live lower bound and vs a caching
+allocator, and the solve time.
+
+    python scripts/bench_planner.py --quick   # 4 traces (Llama and Qwen2 layers, fp32 and bf16), < 10 min
+    python scripts/bench_planner.py           # + Llama-3.2-1B-sized layers and longer sequences
+
+Traces: one HF decoder layer (``transformers``' own Llama / Qwen2 layer classes, random weights, sdpa
+attention, batch 1, one causal document) run forward + backward on this CPU under the allocation
+recorder (``planner.trace``). Its sizes are those the same layer allocates on any device at that
+shape; only the CPU attention kernel's outputs are CPU-specific (flash attention returns out + lse
+on CUDA too). Per trace, the forward's and the backward's transients (``Trace.phase``) are planned
+separately, as level 1 of the planner does:
+
+    lower bound   the most bytes live at one event (64-byte rounding, as planned)
+    greedy        largest first, best fit
+    planned       the planner's answer: greedy, then order search and the MIP (CBC, one 10 s limit
+                  for both) only while the bound is missed; ``method`` says which stage won
+    caching       the reserved peak of a simulated PyTorch CUDA caching allocator
+                  (``planner.caching_sim``) replaying the same phase from empty
+    solve_s       all planning stages of the phase
+
+Ratios: planned / lower bound (target <= 1.01 on every phase), planned / caching reserved (target
+<= 0.9 on every phase), solve_s (target <= 10 s per level; level 1 is the only level built so far).
+The maxima over all phases go into the final JSON line. Planning is deterministic (seeded search;
+CBC given a time limit), so each phase is planned once; there is nothing to take a median over.
+Each trace is recorded once; its forward and backward times (fastest of ``--timing-runs`` untraced
+runs, one torch thread) are reported for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import torch
+from bench_common import code_version, print_result, table_header
+
+from longtrain.planner.caching_sim import simulate
+from longtrain.planner.layout import Item, plan_layout
+from longtrain.planner.trace import LayerShape, record_layer
+
+# Layer sizes of real checkpoints (config.json of each): Qwen2-0.5B (hidden 896, 14 heads / 2 kv,
+# ffn 4864); Llama-3.2-1B (hidden 2048, 32 / 8, ffn 8192). "llama-h1024": a Llama layer of hidden
+# 1024 (8 / 4 heads, ffn 2816), small enough for the quick run.
+QWEN2_05B = dict(family="qwen2", hidden=896, heads=14, kv_heads=2, ffn=4864)
+LLAMA_1024 = dict(family="llama", hidden=1024, heads=8, kv_heads=4, ffn=2816)
+LLAMA_32_1B = dict(family="llama", hidden=2048, heads=32, kv_heads=8, ffn=8192)
+
+QUICK = [
+    ("llama-h1024", LLAMA_1024, 2048, "float32"),
+    ("llama-h1024", LLAMA_1024, 2048, "bfloat16"),
+    ("qwen2-0.5b", QWEN2_05B, 1024, "float32"),
+    ("qwen2-0.5b", QWEN2_05B, 2048, "bfloat16"),
+]
+FULL = QUICK + [
+    ("llama-h1024", LLAMA_1024, 4096, "bfloat16"),
+    ("qwen2-0.5b", QWEN2_05B, 4096, "bfloat16"),
+    ("llama-3.2-1b", LLAMA_32_1B, 2048, "bfloat16"),
+]
+TARGETS = {"mip_vs_lower_bound_max": 1.01, "mip_vs_caching_allocator_max": 0.9, "solve_s_max": 10.0}
+
+
+def plan_phase(blocks, time_limit_s: float) -> dict[str, Any]:
+    items = [Item(b.size, b.alloc, b.free) for b in blocks]
+    layout = plan_layout(items, time_limit_s=time_limit_s)
+    caching = simulate(items)
+    return {
+        "tensors": len(items),
+        "max_live": max(
+            sum(it.size for it in items if it.start <= t < it.end) for t in {it.start for it in items}
+        ),
+        "lower_bound": layout.lower_bound,
+        "greedy": layout.greedy_peak,
+        "search": layout.search_peak,
+        "mip": layout.mip_peak,
+        "planned": layout.peak,
+        "method": layout.method,
+        "mip_status": layout.mip_status,
+        "caching_reserved": caching.reserved,
+        "caching_allocated": caching.allocated,
+        "solve_s": round(layout.solve_s, 3),
+        "planned_vs_lower_bound": layout.peak / layout.lower_bound,
+        "greedy_vs_lower_bound": layout.greedy_peak / layout.lower_bound,
+        "planned_vs_caching": layout.peak / caching.reserved,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 traces (< 10 min)")
+    parser.add_argument("--time-limit", type=float, default=10.0, help="seconds per phase (search + MIP)")
+    parser.add_argument("--timing-runs", type=int, default=1, help="untraced runs timed per trace")
+    parser.add_argument("--save-traces", default="", help="directory to write each trace's JSON to")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.time()
+    subdirs = ("planner", os.path.join("trainer", "model"))
+    args.code_start = code_version(subdirs)
+    torch.set_num_threads(1)  # a shared 2-core machine; the times are for information only
+    rows: list[dict[str, Any]] = []
+    table_header(
+        ["trace", "tokens", "dtype", "phase", "tensors", "lower bound MiB", "greedy/lb", "planned/lb",
+         "method", "caching reserved MiB", "planned/caching", "solve s", "layer fwd/bwd s"]
+    )  # fmt: skip
+    for name, sizes, tokens, dtype in QUICK if args.quick else FULL:
+        shape = LayerShape(tokens=tokens, dtype=dtype, **sizes)  # type: ignore[arg-type]
+        trace = record_layer(shape, timing_runs=args.timing_runs)
+        if args.save_traces:
+            os.makedirs(args.save_traces, exist_ok=True)
+            trace.save(os.path.join(args.save_traces, f"{name}_{tokens}_{dtype}.json"))
+        for phase in ("forward", "backward"):
+            row: dict[str, Any] = {"trace": name, "tokens": tokens, "dtype": dtype, "phase": phase}
+            row |= plan_phase(trace.phase(phase), args.time_limit)
+            row |= {"forward_s": round(trace.forward_s, 3), "backward_s": round(trace.backward_s, 3)}
+            rows.append(row)
+            cells = [
+                name, tokens, dtype, phase, row["tensors"], f"{row['lower_bound'] / 2**20:.1f}",
+                f"{row['greedy_vs_lower_bound']:.4f}", f"{row['planned_vs_lower_bound']:.4f}", row["method"],
+                f"{row['caching_reserved'] / 2**20:.1f}", f"{row['planned_vs_caching']:.3f}",
+                f"{row['solve_s']:.2f}", f"{trace.forward_s:.2f}/{trace.backward_s:.2f}",
+            ]  # fmt: skip
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    result: dict = {
+        "mip_vs_lower_bound_max": round(max(r["planned_vs_lower_bound"] for r in rows), 4),
+        "mip_vs_caching_allocator_max": round(max(r["planned_vs_caching"] for r in rows), 4),
+        "solve_s_max": round(max(r["solve_s"] for r in rows), 3),
+        "greedy_vs_lower_bound_max": round(max(r["greedy_vs_lower_bound"] for r in rows), 4),
+    }
+    verdicts = {k: ("hit" if result[k] <= t else "miss") for k, t in TARGETS.items()}
+    for k, v in verdicts.items():
+        print(f"{k}: {result[k]} (target <= {TARGETS[k]}): {v}")
+    result["detail"] = {"targets": TARGETS, "verdicts": verdicts, "rows": rows, "code": args.code_start}
+    print_result(result, args, t_start, "bench_planner.py", subdirs)
+
+
+if __name__ == "__main__":
+    main()
