@@ -1,10 +1,11 @@
-"""Checkpoints and resume. For now a simple synchronous save/resume (``sync.py``); the lazy
-asynchronous in-memory snapshots with erasure coding replace its save path later."""
+"""Checkpoints and resume, behind the ``Checkpointer`` protocol (``protocol.py``). For now a simple
+synchronous save/resume (``sync.py``); the lazy asynchronous in-memory snapshots with erasure
+coding replace its save path later."""
 
 from .config import CheckpointConfig
+from .protocol import Checkpointer, Restored, TrainState
 from .sync import (
     CheckpointError,
-    Restored,
     SyncCheckpointer,
     find_checkpoint,
     is_complete,
@@ -17,9 +18,11 @@ from .sync import (
 
 __all__ = [
     "CheckpointConfig",
+    "Checkpointer",
     "CheckpointError",
     "Restored",
     "SyncCheckpointer",
+    "TrainState",
     "find_checkpoint",
     "is_complete",
     "list_complete",

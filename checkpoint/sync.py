@@ -28,9 +28,8 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -39,6 +38,10 @@ from torch import nn
 from longtrain.config_checks import ConfigError
 
 from .config import CheckpointConfig
+from .protocol import Restored, TrainState
+
+if TYPE_CHECKING:
+    from longtrain.parallel import Mesh
 
 MANIFEST = "manifest.json"
 # sha256: anyone can check a file by hand (`sha256sum`), and hashlib (OpenSSL, SHA CPU instructions)
@@ -215,15 +218,9 @@ def load_weights(
         )
 
 
-@dataclass
-class Restored:
-    step: int
-    data_state: dict[str, Any]
-    path: Path
-
-
 class SyncCheckpointer:
-    """Saves on rank 0 (data-parallel replicas hold identical states); every rank loads.
+    """A ``Checkpointer`` that writes to disk before ``save`` returns. Saves on rank 0 (data-parallel
+    replicas hold identical states); every rank loads.
 
     Sharded states (``parallel.shard=fsdp``): every rank takes part in gathering the full model and
     optimizer states (collectives), rank 0 writes them in the same per-parameter format, so a
@@ -233,23 +230,53 @@ class SyncCheckpointer:
         self,
         cfg: CheckpointConfig,
         output_dir: str,
-        is_main: bool,
+        mesh: Mesh,
         model_config: dict[str, Any],
         sharded: bool = False,
     ):
         """``model_config``: the architecture (HF config fields) a checkpoint must match to be loaded."""
         self.cfg = cfg
         self.root = Path(cfg.dir or Path(output_dir) / "checkpoints")
-        self.is_main = is_main
+        self.mesh = mesh
+        self.is_main = mesh.is_main
         self.model_config = model_config
         self.sharded = sharded
 
     def should_save(self, step: int, total_steps: int) -> bool:
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == total_steps)
 
-    def save(
+    def save(self, step: int, state: TrainState) -> None:
+        self.write(step, state.model, state.optimizer, state.scheduler, state.data.state_dict())
+        if self.mesh.distributed:  # no rank runs ahead (and may crash) before rank 0's save is complete
+            torch.distributed.barrier()
+
+    def wait(self) -> None:
+        """Nothing to wait for: ``save`` returns after the files are written."""
+
+    def load(self, state: TrainState) -> Restored | None:
+        # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.
+        from longtrain.parallel import broadcast_object
+
+        path = broadcast_object(self.find_resume() if self.is_main else None, self.mesh)
+        if path is None:
+            return None
+        if not (path / MANIFEST).is_file():
+            raise CheckpointError(
+                f"rank {self.mesh.rank} cannot read checkpoint {str(path)!r} that rank 0 resumes from; "
+                "put checkpoint.dir on a filesystem shared by all ranks"
+            )
+        restored = self.read(path, state.model, state.optimizer, state.scheduler)
+        state.data.load_state_dict(restored.data_state)
+        return restored
+
+    def close(self) -> None:
+        """Nothing to release: no threads, no processes."""
+
+    def write(
         self, step: int, model: nn.Module, optimizer, scheduler, data_state: dict[str, Any]
     ) -> Path | None:
+        """Write checkpoint ``step`` (rank 0; the other ranks only join the gathering of a
+        sharded state); returns its directory."""
         final = _step_dir(self.root, step)
         model_state = optimizer_state = None
         if self.sharded:  # collectives: every rank gathers, rank 0 writes
@@ -315,7 +342,7 @@ class SyncCheckpointer:
             raise CheckpointError(f"checkpoint.resume: {e}; pick another step-N or auto") from None
         return path
 
-    def load(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
+    def read(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
         load_weights(path, model, self.model_config, sharded=self.sharded)
         state = json.loads((path / "trainer_state.json").read_text())
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

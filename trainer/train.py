@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from longtrain.checkpoint import CheckpointError, SyncCheckpointer
+from longtrain.checkpoint import Checkpointer, SyncCheckpointer, TrainState
 from longtrain.offload import apply_activation_memory
 from longtrain.optim import OptimizerContainer, build_scheduler
 from longtrain.optim import build_optimizer as make_optimizer
@@ -190,9 +190,9 @@ def architecture(model: CausalLM) -> dict[str, Any]:
     }
 
 
-def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding) -> SyncCheckpointer:
+def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding) -> Checkpointer:
     return SyncCheckpointer(
-        cfg.checkpoint, cfg.output_dir, mesh.is_main, architecture(model), sharded=sharding.sharded
+        cfg.checkpoint, cfg.output_dir, mesh, architecture(model), sharded=sharding.sharded
     )
 
 
@@ -230,7 +230,7 @@ class Job:
     sharding: Sharding
     optimizer: OptimizerContainer
     scheduler: Any
-    checkpointer: SyncCheckpointer
+    checkpointer: Checkpointer
     start_step: int
     val_rows: PackedRows | None = None
 
@@ -260,6 +260,7 @@ class Job:
                 )
             last = i == len(step.work) - 1
             if last:
+                self.checkpointer.wait()  # a snapshot still copying the state finishes before it changes
                 self.optimizer.before_last_backward()  # its gradients are final: updates may start
             self.sharding.grad_sync.before_backward(last)
             self.sharding.grad_sync.backward(out.loss)
@@ -322,9 +323,14 @@ class Job:
     def _dense_params(self) -> int:
         return sum(p.numel() for n, p in self.model.named_parameters() if "embed_tokens" not in n)
 
+    @property
+    def state(self) -> TrainState:
+        return TrainState(self.model, self.optimizer, self.scheduler, self.loader)
+
     def close(self) -> None:
-        """Release the activation executor's and the optimizer's threads and files, and leave the
-        process group."""
+        """Release the checkpointer's, the activation executor's and the optimizer's threads and
+        files, and leave the process group."""
+        self.checkpointer.close()
         self.model.layer_executor.close()
         self.optimizer.close()
         shutdown(self.mesh)
@@ -393,11 +399,7 @@ class Job:
                     logged.append(metrics)
                 writer.step_done()  # after log: the bar's frame for this step shows this step's metrics
                 if self.checkpointer.should_save(step, cfg.train.steps):
-                    self.checkpointer.save(
-                        step, self.model, self.optimizer, self.scheduler, self.loader.state_dict()
-                    )
-                    if mesh.distributed:
-                        torch.distributed.barrier()
+                    self.checkpointer.save(step, self.state)
         finally:
             writer.close()
         return logged
@@ -435,20 +437,10 @@ def prepare(cfg: JobConfig) -> Job:
     sharding = apply_sharding(cfg.parallel, model, mesh, zero3)
     optimizer, scheduler = build_optimizer(cfg, mesh, model, sharding)
     checkpointer = build_checkpointer(cfg, mesh, model, sharding)
-    start_step = 0
-    # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.
-    resume_from = broadcast_object(checkpointer.find_resume() if mesh.is_main else None, mesh)
-    if resume_from is not None and not (resume_from / "manifest.json").is_file():
-        raise CheckpointError(
-            f"rank {mesh.rank} cannot read checkpoint {str(resume_from)!r} that rank 0 resumes from; "
-            "put checkpoint.dir on a filesystem shared by all ranks"
-        )
-    if resume_from is not None:
-        restored = checkpointer.load(resume_from, model, optimizer, scheduler)
-        loader.load_state_dict(restored.data_state)
-        start_step = restored.step
-        if mesh.is_main:
-            print(f"longtrain: resumed from {restored.path} (step {start_step})", flush=True)
+    restored = checkpointer.load(TrainState(model, optimizer, scheduler, loader))
+    start_step = 0 if restored is None else restored.step
+    if restored is not None and mesh.is_main:
+        print(f"longtrain: resumed from {restored.path} (step {start_step})", flush=True)
     if mesh.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))

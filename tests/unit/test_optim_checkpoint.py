@@ -12,13 +12,16 @@ import torch
 
 from longtrain.checkpoint import (
     CheckpointConfig,
+    Checkpointer,
     CheckpointError,
     SyncCheckpointer,
+    TrainState,
     is_complete,
     list_complete,
 )
 from longtrain.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 from longtrain.optim.build import param_groups
+from longtrain.parallel import Mesh
 from longtrain.trainer.model.adapter import adapt
 
 # --- schedule ----------------------------------------------------------------------------------
@@ -126,8 +129,11 @@ def trained_state(make_tiny_model, seed: int = 0, steps: int = 3):
     return model, opt, sched
 
 
+ONE_PROCESS = Mesh(rank=0, world_size=1, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+
+
 def checkpointer(tmp_path, model_config=MODEL_CONFIG, **kwargs) -> SyncCheckpointer:
-    return SyncCheckpointer(CheckpointConfig(**kwargs), str(tmp_path), True, dict(model_config))
+    return SyncCheckpointer(CheckpointConfig(**kwargs), str(tmp_path), ONE_PROCESS, dict(model_config))
 
 
 def assert_state_equal(a, b):
@@ -150,7 +156,7 @@ def test_save_load_round_trip(tmp_path, make_tiny_model):
     data_state = {"consumed_microbatches": 7, "epoch": 1, "seed": 0}
     ckpt = checkpointer(tmp_path)
     torch.manual_seed(1234)
-    path = ckpt.save(3, model, opt, sched, data_state)
+    path = ckpt.write(3, model, opt, sched, data_state)
     rng_after_save = torch.rand(4)
 
     assert path == tmp_path / "checkpoints" / "step-000003"
@@ -161,7 +167,7 @@ def test_save_load_round_trip(tmp_path, make_tiny_model):
     model2, opt2, sched2 = trained_state(make_tiny_model, seed=1, steps=1)
     assert not torch.equal(model2.lm_head.weight, model.lm_head.weight)
     torch.manual_seed(999)
-    restored = ckpt.load(path, model2, opt2, sched2)
+    restored = ckpt.read(path, model2, opt2, sched2)
 
     assert restored.step == 3 and restored.data_state == data_state and restored.path == path
     for (n, p), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
@@ -176,9 +182,9 @@ def test_training_continues_identically_after_load(tmp_path, make_tiny_model):
     """One more step from the restored state equals one more step of the original (bit-exact)."""
     model, opt, sched = trained_state(make_tiny_model, seed=0)
     ckpt = checkpointer(tmp_path)
-    path = ckpt.save(3, model, opt, sched, {})
+    path = ckpt.write(3, model, opt, sched, {})
     model2, opt2, sched2 = trained_state(make_tiny_model, seed=1, steps=1)
-    ckpt.load(path, model2, opt2, sched2)
+    ckpt.read(path, model2, opt2, sched2)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
     for m, o, s in ((model, opt, sched), (model2, opt2, sched2)):
         m(input_ids=ids, labels=ids).loss.backward()
@@ -188,11 +194,45 @@ def test_training_continues_identically_after_load(tmp_path, make_tiny_model):
         assert torch.equal(p, p2)
 
 
+class DataPosition:
+    """A loader's position, as the loop hands it over: state_dict / load_state_dict only."""
+
+    def __init__(self, consumed: int) -> None:
+        self.consumed = consumed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = state["consumed"]
+
+
+def test_protocol_save_then_load_restores_the_whole_state(tmp_path, make_tiny_model):
+    """Through the ``Checkpointer`` protocol alone (what the loop uses): a fresh directory resumes
+    nothing; after save, load restores parameters, optimizer, scheduler and data position."""
+    model, opt, sched = trained_state(make_tiny_model, seed=0)
+    ckpt: Checkpointer = checkpointer(tmp_path)
+    model2, opt2, sched2 = trained_state(make_tiny_model, seed=1, steps=1)
+    target = TrainState(model2, opt2, sched2, DataPosition(0))
+    assert ckpt.load(target) is None
+
+    assert ckpt.should_save(3, 3)
+    ckpt.save(3, TrainState(model, opt, sched, DataPosition(42)))
+    ckpt.wait()
+    restored = ckpt.load(target)
+    ckpt.close()
+
+    assert restored is not None and restored.step == 3 and target.data.consumed == 42
+    assert_state_equal(model.state_dict(), model2.state_dict())
+    assert_state_equal(opt.state_dict(), opt2.state_dict())
+    assert sched2.state_dict() == sched.state_dict()
+
+
 def test_keep_prunes_old_checkpoints(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
     ckpt = checkpointer(tmp_path, keep=2)
     for step in (1, 2, 3, 4):
-        ckpt.save(step, model, opt, sched, {"step": step})
+        ckpt.write(step, model, opt, sched, {"step": step})
     names = sorted(p.name for p in ckpt.root.iterdir())
     assert names == ["step-000003", "step-000004"]
     assert [p.name for p in list_complete(ckpt.root)] == names
@@ -202,14 +242,14 @@ def test_keep_zero_keeps_all(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
     ckpt = checkpointer(tmp_path, keep=0)
     for step in (1, 2, 3):
-        ckpt.save(step, model, opt, sched, {})
+        ckpt.write(step, model, opt, sched, {})
     assert len(list_complete(ckpt.root)) == 3
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
     ckpt = checkpointer(tmp_path, keep=0)
-    good = ckpt.save(2, model, opt, sched, {})
+    good = ckpt.write(2, model, opt, sched, {})
     # a crash during save leaves step-N.tmp (here even with a manifest); a step dir without one
     shutil.copytree(good, ckpt.root / "step-000009.tmp")
     no_manifest = ckpt.root / "step-000008"
@@ -246,16 +286,16 @@ def test_no_checkpoint_dir_means_no_resume(tmp_path):
 
 def test_resume_with_a_different_model_config_raises(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
-    path = checkpointer(tmp_path).save(1, model, opt, sched, {})
+    path = checkpointer(tmp_path).write(1, model, opt, sched, {})
     other = checkpointer(tmp_path, model_config={"family": "llama", "hidden_size": 64})
     with pytest.raises(CheckpointError, match=r"model\.hidden_size") as err:
-        other.load(path, model, opt, sched)
+        other.read(path, model, opt, sched)
     assert "\n" not in str(err.value)
 
 
 def test_manifest_lists_every_file(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
-    path = checkpointer(tmp_path).save(5, model, opt, sched, {"a": 1})
+    path = checkpointer(tmp_path).write(5, model, opt, sched, {"a": 1})
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 5
     assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
@@ -277,7 +317,7 @@ def _flip_last_byte(path):
 
 def test_manifest_holds_the_sha256_of_every_file(tmp_path, make_tiny_model):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
-    path = checkpointer(tmp_path).save(5, model, opt, sched, {})
+    path = checkpointer(tmp_path).write(5, model, opt, sched, {})
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["sha256"]) == set(manifest["files"])
     for name, digest in manifest["sha256"].items():
@@ -296,8 +336,8 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(
 ):
     model, opt, sched = trained_state(make_tiny_model, steps=1)
     ckpt = checkpointer(tmp_path, keep=0)
-    older = ckpt.save(2, model, opt, sched, {})
-    newest = ckpt.save(3, model, opt, sched, {})
+    older = ckpt.write(2, model, opt, sched, {})
+    newest = ckpt.write(3, model, opt, sched, {})
     if damage == "truncate":
         data = (newest / "model.safetensors").read_bytes()
         (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -320,7 +360,7 @@ def test_manifest_without_checksums_is_accepted_on_its_sizes(tmp_path, make_tiny
     """Checkpoints of earlier versions list sizes only: a size check still catches truncation."""
     model, opt, sched = trained_state(make_tiny_model, steps=1)
     ckpt = checkpointer(tmp_path, keep=0)
-    older, newest = ckpt.save(2, model, opt, sched, {}), ckpt.save(3, model, opt, sched, {})
+    older, newest = ckpt.write(2, model, opt, sched, {}), ckpt.write(3, model, opt, sched, {})
     for path in (older, newest):
         manifest = json.loads((path / "manifest.json").read_text())
         del manifest["sha256"]

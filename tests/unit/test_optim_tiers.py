@@ -41,6 +41,7 @@ from longtrain.optim import (
 from longtrain.optim.build import param_groups
 from longtrain.optim.placement import slot_cost
 from longtrain.optim.readiness import GradientReadiness
+from longtrain.parallel import Mesh
 from longtrain.trainer.model.adapter import adapt
 
 pytestmark = [
@@ -330,7 +331,8 @@ def test_state_saved_with_one_tier_resumes_with_another(tmp_path, make_tiny_mode
     cfg = cfg_for(tmp_path)
     opt = build_optimizer(model, cfg, placement=placement_of(model, cfg, (saved,)))
     sched = build_scheduler(opt, cfg, 4)
-    ckpt = SyncCheckpointer(CheckpointConfig(), str(tmp_path), True, {"family": "llama"})
+    one_process = Mesh(rank=0, world_size=1, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    ckpt = SyncCheckpointer(CheckpointConfig(), str(tmp_path), one_process, {"family": "llama"})
 
     def step(m, o, s, micro):
         micro[0](m).backward()
@@ -339,11 +341,11 @@ def test_state_saved_with_one_tier_resumes_with_another(tmp_path, make_tiny_mode
 
     for ids in data[:2]:
         step(model, opt, sched, ids)
-    path = ckpt.save(2, model, opt, sched, {})
+    path = ckpt.write(2, model, opt, sched, {})
     model2 = tiny(make_tiny_model, dtype, seed=1)
     opt2 = build_optimizer(model2, cfg, placement=placement_of(model2, cfg, (loaded,)))
     sched2 = build_scheduler(opt2, cfg, 4)
-    ckpt.load(path, model2, opt2, sched2)
+    ckpt.read(path, model2, opt2, sched2)
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
     for k, st in a["state"].items():
