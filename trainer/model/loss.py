@@ -160,6 +160,7 @@ def _chunk_loop(
         lse_c = max_c1.squeeze(1) + sumexp_c.log()
         loss_t[rows] = torch.where(valid_c, lse_c - tgt_logit_c, 0.0)
         if not any_grad:
+            del logits_cv, exp_cv  # before the next chunk's [c, V] buffer is allocated
             continue
 
         # d loss_i / d logits_i = softmax_i - onehot(target_i), times the row's scale (0 if ignored).
@@ -176,6 +177,9 @@ def _chunk_loop(
             torch.addmm(grad_w, d_logits_cv.T, h_ch, out=grad_w)
         if grad_b is not None:
             grad_b += d_logits_cv.sum(0)
+        # logits_cv, exp_cv and d_logits_cv share one [c, V] buffer: free it before the next
+        # chunk's matmul allocates another (else two chunks of logits are live at once)
+        del logits_cv, exp_cv, d_logits_cv
 
     return loss_t, grad_h, grad_w, grad_b
 
