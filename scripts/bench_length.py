@@ -603,7 +603,7 @@ def sweep(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dict:
+def slope_table(slopes: dict, args) -> None:
     kib = 1024
     print(
         f"\n### Peak-RSS growth per token ({args.spec['layers']} layers, tile_rows {args.tile_rows}, "
@@ -613,6 +613,32 @@ def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dic
     for s, f in slopes.items():
         pts = ", ".join(f"{p['len']}: {p['growth'] / 2**20:.0f}" for p in f["points"])
         print(f"| {s} | {f['slope'] / kib:.1f} | {f['intercept'] / 2**20:.0f} | {f['r2']:.4f} | {pts} |")
+
+
+def slopes_report(slopes: dict, args) -> dict:
+    """``--slopes-only``: the memory-per-token ratio alone; the other keys are null ("not run")."""
+    slope_table(slopes, args)
+    mem_ratio = slopes["ours_memory"]["slope"] / slopes["alst"]["slope"]
+    result: dict[str, Any] = {k: None for k in TARGETS}
+    result["mem_per_token_vs_alst"] = mem_ratio
+    verdicts = {k: "not run" for k in TARGETS}
+    verdicts["mem_per_token_vs_alst"] = bound_verdict(mem_ratio, TARGETS["mem_per_token_vs_alst"])
+    detail = {
+        "parts": "slopes only",
+        "tile_rows": args.tile_rows,
+        "allocator": args.allocator,
+        "model": args.spec,
+        "slope_lengths": args.slope_lengths,
+        "slope_fits": slopes,
+        "loadavg_start": args.loadavg_start,
+        "loadavg_end": list(os.getloadavg()),
+        "code": args.code_start,
+    }
+    return {**result, "verdicts": verdicts, "detail": detail}
+
+
+def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dict:
+    slope_table(slopes, args)
     mem_ratio = slopes["ours_memory"]["slope"] / slopes["alst"]["slope"]
 
     print(
@@ -754,6 +780,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="emulated link GB/s, or 'calibrate' (alpha 0.5's copy = one layer forward)",
     )
     parser.add_argument(
+        "--slopes-only",
+        action="store_true",
+        help="measure only the peak-RSS growth per token (load-independent; no search, timing or sweep)",
+    )
+    parser.add_argument(
         "--allocator",
         choices=("fixed", "trim"),
         default="fixed",
@@ -774,7 +805,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.spec = {k: getattr(args, k) or v for k, v in (QUICK_MODEL if q else FULL_MODEL).items()}
     args.spec_search = {**args.spec, "layers": args.search_layers or args.spec["layers"]}
     args.budget = int((args.budget_gib or (0.75 if q else 1.5)) * 2**30)
-    args.slope_lengths = args.slope_lengths or ([1024, 2048, 3072] if q else [2048, 4096, 8192])
+    args.slope_lengths = args.slope_lengths or [2048, 4096, 8192]
     if len(set(args.slope_lengths)) < 3:
         parser.error(f"--slope-lengths needs >= 3 distinct lengths, got {args.slope_lengths}")
     if args.slope_lengths[0] < args.loss_chunk_rows:  # below it the loss's chunk grows with the length
@@ -821,6 +852,11 @@ def main() -> None:
     args.file_dir = tempfile.mkdtemp(prefix="bench_length_", dir=os.environ.get("BENCH_FILE_DIR"))
     try:
         with tempfile.TemporaryFile("w+") as args.log:
+            if args.slopes_only:
+                print(f"peak-RSS growth per token at {args.slope_lengths}", flush=True)
+                result = slopes_report(measure_slopes(args), args)
+                print_result(result, args, t_start, "bench_length.py")
+                return
             print(f"emulated link: {args.link_gbps}", flush=True)
             args.link = pick_link_gbps(args)
             print(f"  {args.link['link_gbps']} GB/s", flush=True)
