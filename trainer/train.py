@@ -296,6 +296,7 @@ class Job:
             mesh.rank,
             mesh.world_size,
             self.cfg.train.eval_batches,
+            equal_counts=mesh.distributed,  # a sharded forward is collective: every rank runs as many
         ):
             mb = mb.to(mesh.device)
             with self.autocast():

@@ -393,3 +393,22 @@ def test_build_data_bundled_end_to_end() -> None:
     assert int(mb.input_ids.max()) < tok.vocab_size
     _, again = build_data(cfg, seq_len=256, seed=0, dp_rank=1, dp_world=2)
     assert torch.equal(next(again).input_ids, mb.input_ids)
+
+
+def test_eval_batches_equal_counts_pad_with_fillers_that_hold_no_targets() -> None:
+    """A sharded forward is a collective: with ``equal_counts`` every rank runs as many forwards,
+    the ranks past the end on fillers with every label ignored (zero loss tokens)."""
+    rows = _rows(5)  # micro-batches of 1 row over 3 ranks: 2, 2 and 1 of them
+    per_rank = [list(eval_batches(rows, 1, dp_rank=r, dp_world=3, equal_counts=True)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2]  # rows 0,3 | 1,4 | 2 + a filler
+    assert [_row_ids(mb) for mb in per_rank[0]] == [[0], [3]]
+    real, filler = per_rank[2]
+    assert _row_ids(real) == [2] and real.num_loss_tokens > 0
+    assert filler.num_loss_tokens == 0 and bool((filler.labels == -100).all())
+    counts = [len(list(eval_batches(_rows(3), 4, r, 2, equal_counts=True))) for r in range(2)]
+    assert counts == [1, 1]  # rank 1 had none
+    assert [len(list(eval_batches(rows, 1, r, 3, max_batches=1, equal_counts=True))) for r in range(3)] == [
+        1
+    ] * 3
+    # without it the counts differ (the case that left a sharded rank waiting)
+    assert [len(list(eval_batches(rows, 1, r, 3))) for r in range(3)] == [2, 2, 1]

@@ -159,11 +159,23 @@ def eval_batches(
     dp_rank: int = 0,
     dp_world: int = 1,
     max_batches: int | None = None,
+    equal_counts: bool = False,
 ) -> Iterator[MicroBatch]:
     """One pass over ``rows`` in order, for evaluation: rank r takes micro-batches r, r + world, ...
-    (the last one may be short; a rank may get none), at most ``max_batches`` of them."""
-    starts = range(dp_rank * micro_batch_size, len(rows), dp_world * micro_batch_size)
-    for n, start in enumerate(starts):
-        if max_batches is not None and n >= max_batches:
-            return
+    (the last one may be short), at most ``max_batches`` of them.
+
+    ``equal_counts``: every rank yields the same number of micro-batches; a rank past the end gets
+    a filler (the first rows with every label ignored: zero loss tokens). A sharded model's forward
+    all-gathers parameters, so a rank that ran one forward fewer than the others would leave them
+    waiting in that collective forever. Without it a rank may get none."""
+    starts = list(range(dp_rank * micro_batch_size, len(rows), dp_world * micro_batch_size))
+    count = len(starts)
+    if equal_counts:  # the count of rank 0, which has the most
+        count = len(range(0, len(rows), dp_world * micro_batch_size))
+    if max_batches is not None:
+        count = min(count, max_batches)
+    for start in starts[:count]:
         yield rows_batch(rows, slice(start, start + micro_batch_size))
+    for _ in range(count - len(starts[:count])):
+        filler = rows_batch(rows, slice(0, micro_batch_size))
+        yield MicroBatch(filler.input_ids, torch.full_like(filler.labels, IGNORE_INDEX), filler.position_ids)
