@@ -24,6 +24,9 @@ class ParallelConfig:
         ulysses (all-to-all heads <-> sequence; the group size must divide the kv heads).
     token_capacity: tokens per rank and micro-batch in mode hdp (null = train.seq_len x
         data.micro_batch_size): documents longer than it run on rings, shorter ones are packed.
+    hdp_balance: mode hdp: plan each step with the balance scheduler (true: rings sized and placed,
+        short documents filling the waits, for an even per-rank busy time) or naive HDP (false:
+        best-fit packs and minimal rings in data order, ranks round robin; for comparisons).
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
         all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3, over
@@ -37,6 +40,7 @@ class ParallelConfig:
     context_parallel: int = option(1, min=1)
     cp_impl: str = option("ring", choices=CP_IMPLS)
     token_capacity: int | None = option(None, min=1)
+    hdp_balance: bool = True
     backend: str = option("auto", choices=BACKENDS)
     shard: str = option("none", choices=SHARDING)
 
@@ -55,6 +59,11 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.token_capacity={self.token_capacity} applies to parallel.mode=hdp only; set "
                 "parallel.mode=hdp or parallel.token_capacity=null"
+            )
+        if not self.hdp_balance and self.mode != "hdp":
+            raise ConfigError(
+                "parallel.hdp_balance=false applies to parallel.mode=hdp only; set parallel.mode=hdp or "
+                "parallel.hdp_balance=true"
             )
         if self.mode != "dp" and self.shard == "deepspeed":
             raise ConfigError(

@@ -99,7 +99,8 @@ class StepBatches:
         """Plan the global batch (identically on every rank) and cut out this rank's jobs."""
         assert mb.doc_spans is not None
         stream = DocStream.from_rows(mb.input_ids, mb.labels, mb.doc_spans)
-        plan = plan_hdp(stream.lengths, self.mesh.world_size, self.capacity, self.cost)
+        balance = self.cfg.parallel.hdp_balance
+        plan = plan_hdp(stream.lengths, self.mesh.world_size, self.capacity, self.cost, balance=balance)
         self.last_plan = plan
         work = []
         for job in plan.rank_jobs(self.mesh.rank):

@@ -149,6 +149,8 @@ def test_missing_recipe_file(tmp_path):
         ("parallel.cp_impl=star", "parallel.cp_impl must be one of ring, ulysses, got 'star'"),
         ("parallel.token_capacity=64", "parallel.token_capacity=64 applies to parallel.mode=hdp only"),
         ("parallel.token_capacity=0", "parallel.token_capacity must be a positive int, got 0"),
+        ("parallel.hdp_balance=false", "parallel.hdp_balance=false applies to parallel.mode=hdp only"),
+        ("parallel.hdp_balance=2", "parallel.hdp_balance must be true or false, got 2"),
         ("train.global_batch_tokens=4096", "train.global_batch_tokens=4096 applies to parallel.mode=hdp"),
         ("model.num_kv_heads=3", "model.num_heads (4) must be a multiple of model.num_kv_heads (3)"),
         ("model.family=gpt2", "model.family must be one of llama, qwen2, mistral"),

@@ -10,6 +10,7 @@ import torch
 
 from longtrain.offload import apply_activation_memory
 from longtrain.parallel import Mesh
+from longtrain.parallel.hdp import DEFAULT_COST, plan_hdp
 from longtrain.parallel.shards import DocStream, pack_shard, ring_shard
 from longtrain.trainer.batches import StepBatches, check_layout, hdp_rows_per_step
 from longtrain.trainer.compose import compose
@@ -72,6 +73,29 @@ def test_hdp_ranks_together_run_the_documents_of_one_process():
     assert len(one) == count > 0
     assert tokens_of(4) == (one, count)
     assert tokens_of(3) == (one, count)
+
+
+def test_hdp_balance_switch_reaches_the_planner():
+    """parallel.hdp_balance picks the balanced or the naive plan; both cover the same documents."""
+    common = [
+        "parallel.mode=hdp",
+        "train.seq_len=128",
+        "data.max_documents=200",
+        "parallel.token_capacity=64",
+    ]
+    data = None
+    plans = {}
+    for balance in ("true", "false"):
+        cfg = compose("tiny_cpu", [*common, f"parallel.hdp_balance={balance}"])
+        data = data or build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.seed)
+        batches = StepBatches(cfg, _mesh(0, 4), PackedLoader(data.train, hdp_rows_per_step(cfg)), _model())  # type: ignore[arg-type]
+        next(batches)
+        assert batches.last_plan is not None
+        plans[balance] = batches.last_plan
+    expect = plan_hdp(plans["true"].lengths, 4, 64, DEFAULT_COST, balance=False)
+    assert [j.docs for j in plans["false"].jobs] == [j.docs for j in expect.jobs]
+    assert [j.docs for j in plans["true"].jobs] != [j.docs for j in expect.jobs]
+    assert plans["true"].makespan < plans["false"].makespan
 
 
 @pytest.mark.parametrize(
