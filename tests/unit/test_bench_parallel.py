@@ -18,12 +18,20 @@ from longtrain.trainer.data import pack_documents  # noqa: E402
 
 
 def test_arguments_quick_and_full_defaults_and_bad_values():
+    names = ("seq_len", "steps", "warmup", "planner_repeats", "peer_len", "peer_steps")
     quick = bench_parallel.parse_args(["--quick"])
-    assert (quick.seq_len, quick.steps, quick.warmup, quick.planner_repeats) == (1024, 5, 1, 7)
+    assert tuple(getattr(quick, n) for n in names) == (1024, 5, 1, 7, 4096, 5)
     full = bench_parallel.parse_args([])
-    assert (full.seq_len, full.steps, full.warmup, full.planner_repeats) == (2048, 12, 2, 21)
+    assert tuple(getattr(full, n) for n in names) == (2048, 12, 2, 21, 8192, 10)
     assert bench_parallel.parse_args(["--quick", "--steps", "8"]).steps == 8
-    for bad in (["--steps", "3", "--warmup", "2"], ["--seq-len", "1000"], ["--planner-repeats", "0"]):
+    bad_args = (
+        ["--steps", "3", "--warmup", "2"],
+        ["--seq-len", "1000"],
+        ["--planner-repeats", "0"],
+        ["--peer-len", "1020"],
+        ["--peer-steps", "2"],
+    )
+    for bad in bad_args:
         with pytest.raises(SystemExit):
             bench_parallel.parse_args(bad)
 
@@ -89,3 +97,16 @@ def test_measured_summary_drops_warmup_and_pairs_steps():
     keys = bench_parallel.measured_keys(m)
     assert set(keys) == set(bench_parallel.MEASURED_KEYS)
     assert keys["measured_imbalance_unbalanced"] == pytest.approx(1.6)
+
+
+def test_peer_summary_pairs_slowest_rank_step_times_and_reports_rss():
+    ours = [
+        {"step": i + 1, "busy_max_s": t, "mem_peak_bytes": m}
+        for i, (t, m) in enumerate([(9.0, 100), (1.0, 200), (2.0, 300), (1.5, 300)])
+    ]
+    peer = {"step_s": [9.0, 2.0, 2.0, 1.0], "rss": 150}
+    out = bench_parallel.peer_summary(ours, peer, warmup=1)
+    assert out["peer_detail"]["step_s_ratio"]["per_step"] == [0.5, 1.0, 1.5]
+    assert out["measured_cp_vs_peer"] == 1.0 and out["measured_cp_vs_peer_verdict"] == "at the threshold"
+    assert out["peer_detail"]["rss_ratio"] == 2.0
+    assert out["peer"] == bench_parallel.PEER_NAME
