@@ -7,7 +7,7 @@
 Simulated (``parallel/simulate.py``: the planner and ``DEFAULT_COST`` unchanged, load-independent
 apart from the planner's own time): at 64, 256 and 1024 ranks and contexts 256K and 1M, a
 heavy-tailed batch (``heavy_tailed_lengths``: ~80% of documents <= 4K, ~1% >= 128K holding ~40% of
-the tokens; ~64K tokens per rank, capacity 16K, exactly what ``scripts/simulate_hdp.py --ranks N
+the tokens at 256K, over half at 1M; ~64K tokens per rank, capacity 16K, exactly what ``scripts/simulate_hdp.py --ranks N
 --context L`` runs) gives tokens/s of balanced HDP over the static mesh (target >= 2 at 256K) and
 balanced imbalance max/mean (target <= 1.10); the planner's time on a global batch of 1024
 documents is the median of a fixed number of repeats (target <= 50 ms).
