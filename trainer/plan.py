@@ -3,9 +3,9 @@
 The report: parameter count (model built on the meta device), model-state bytes, the activation
 bytes the configured ``activation.mode`` holds for backward on the device and on the host/file
 tier, and which paths were checked (and which were not). The activation figures are estimates
-from the config alone (``layer_bytes_per_token``); the token-wise split goes through
-``offload.cost.offloaded_bytes``, the rule the executor cuts rows with. The MIP planner replaces
-them with a plan.
+from the config alone (planner/estimate.py: ``layer_bytes_per_token``; the token-wise split goes
+through ``offload.cost.offloaded_bytes``, the rule the executor cuts rows with), followed by the
+planner's per-device memory by category for the config as set; ``longtrain plan`` chooses a plan.
 """
 
 from __future__ import annotations
