@@ -24,10 +24,13 @@ the planner starts, not constraints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from longtrain.offload.cost import ROW_ALIGN
 
 from .estimate import (
     COMPUTE_EFFICIENCY,
@@ -355,21 +358,23 @@ def fits_at(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) 
     return search(shape, job, hw, gpus, fixed, first=True).fits
 
 
-def max_seq_len(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, step: int = 1024) -> int:
-    """The longest sequence (a multiple of ``step``) with a plan that fits (0: none fits)."""
-    import dataclasses
+def max_seq_len(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) -> int:
+    """The longest sequence with a plan that fits (0: none does), found by doubling and bisection
+    in steps of ``ROW_ALIGN`` tokens and reported as a multiple of 1024 above 1024 (fitting is
+    monotone in the length: every byte count grows with it)."""
 
     def ok(n: int) -> bool:
-        return fits_at(shape, dataclasses.replace(job, seq_len=n * step), hw, gpus, fixed)
+        return fits_at(shape, dataclasses.replace(job, seq_len=n * ROW_ALIGN), hw, gpus, fixed)
 
     if not ok(1):
         return 0
     lo, hi = 1, 2
     while ok(hi):
         lo, hi = hi, hi * 2
-        if hi > 2**20:  # 1G tokens: beyond any plan
-            return lo * step
+        if hi > 2**27:  # 1G tokens: beyond any plan
+            break
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo * step
+    tokens = lo * ROW_ALIGN
+    return tokens - tokens % 1024 if tokens >= 1024 else tokens

@@ -189,7 +189,9 @@ def measure_cpu(directory: str = ".") -> Hardware:
     """This machine as one node of one device: device and host are the same memory (MemAvailable),
     their "link" is a memory copy, FLOP/s a short float32 matmul (``metrics.detect_peak_flops``),
     the file tier the free space of ``directory`` (read/write bandwidth not measured: the copy
-    bandwidth, an upper bound for a page-cache-backed file)."""
+    bandwidth, an upper bound for a page-cache-backed file). Device and host are one memory here
+    but are budgeted separately, each at MemAvailable: set ``hardware.device_bytes`` (and
+    ``hardware.host_bytes``) to split it."""
     from longtrain.trainer.metrics import detect_peak_flops
 
     available = meminfo()["MemAvailable"]

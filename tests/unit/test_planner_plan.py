@@ -166,3 +166,20 @@ def test_search_is_no_slower_than_a_brute_force_over_per_layer_choices():
     assert found.estimate.step_s <= best[0] * (1 + 1e-9), (found.layers, best)
     kinds = {(c.mode, c.tier) for c in best[1]}
     assert len(kinds) > 1  # the constraints bind: the best assignment mixes modes or tiers
+
+
+def test_trainer_runs_the_written_plan(capsys, tmp_path):
+    """The file and overrides ``--write`` gives are what ``longtrain train`` runs, as they are."""
+    path = tmp_path / "plan.json"
+    tiny = ["train.seq_len=128", "data.micro_batch_size=2", "train.grad_accum=1", "activation.keep_last=0"]
+    code = main(["plan", "tiny_cpu", *tiny, "hardware=cpu", "--gpus", "1", "--json", "--write", str(path)])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["modes"] == ["tokenwise"] * 4
+    run = [
+        f"output_dir={tmp_path / 'run'}",
+        "train.steps=1",
+        "optim.warmup_steps=0",
+        "logging.progress=false",
+    ]
+    assert main(["train", "tiny_cpu", *tiny, *run, *result["overrides"]]) == 0
+    assert "done: step 1" in capsys.readouterr().out
