@@ -212,15 +212,21 @@ def _tokenwise_plan(
     n_layers = shape.layers
     tok = LayerChoice("tokenwise", 0.0, "host", tile)
     keep = LayerChoice("keep")
-    peak_tok = layer_peak_bytes(shape, t, tok)
+    # alpha inside (0, 1): an untiled layer's rebuild then holds its rows twice (the bound for any alpha)
+    peak_tok = layer_peak_bytes(shape, t, LayerChoice("tokenwise", 0.5, "host", tile))
     peak_keep = layer_peak_bytes(shape, t, keep)
     per_keep = activation_device_bytes(shape, t, keep)
 
     fixed_mem = memory_bytes(shape, layout, job, [tok])  # loss and ring buffers: the same for any layers
 
     def device(k: int) -> int:
-        peak = max(peak_tok if k < n_layers else 0, peak_keep if k else 0)
-        return k * per_keep + max(peak + fixed_mem["cp_buffers"], fixed_mem["loss"])
+        """Kept layers are the last: the loss phase holds them all, and so does the first backward
+        (the last layer's); the token-wise layers' backward comes after theirs has freed them."""
+        ring = fixed_mem["cp_buffers"]
+        peak = max(k * per_keep + fixed_mem["loss"], peak_tok + ring if k < n_layers else 0)
+        if k:
+            peak = max(peak, k * per_keep + peak_keep + ring)
+        return peak
 
     if fixed.keep_last is not None:
         k = min(fixed.keep_last, n_layers)

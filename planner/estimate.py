@@ -14,6 +14,8 @@ Memory per device (bytes), the categories ``mem_bytes`` reports:
   param_casts                     bf16 autocast copies of the weights, saved for backward
   activations                     what the kept and recomputed layers hold between forward and backward
   layer_peak                      one layer's transient at its backward peak (tiles shrink its row part)
+  backward_peak                   the worst layer's backward: held activations of it and the layers
+                                  below it, plus its transient
   cp_buffers                      ring attention's K/V send/receive buffers (cp > 1)
   loss                            final hidden states, their gradient, logits chunks, LM-head grad
 The device's peak (``device_total``) is not the sum: the loss's transient and a layer's do not overlap.
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 COMPUTE_EFFICIENCY = 0.6
 TILE_OVERHEAD_S = 20e-6  # per tile and pass (forward, recompute, backward): ~10 kernel launches
 ADAM_BYTES_PER_STATE_BYTE = 3.5  # AdamW reads p, g, m, v and writes p, m, v per 8 bytes of m, v
+GRAD_ROWS = 2  # ffn-sized gradients live at once in an MLP backward (gate, up, their product)
 LOSS_CHUNK_ROWS = 4096  # trainer/model/loss.py: one [chunk, V] fp32 logits block at a time
 
 SHARDS = ("none", "fsdp", "deepspeed")
@@ -302,18 +305,27 @@ def layer_peak_bytes(shape: ModelShape, t: int, choice: LayerChoice) -> int:
     gradient (+ logsumexp); a token-wise layer also has the next layer's whole tensors prefetched.
     Row-wise part: the saved tensors and gradients of one tile (the whole sequence untiled): the
     layer's row tensors other than q/k/v, three ffn-sized gradients and two fp32 norm rows.
-    A recompute layer rebuilds everything (row part over the tile, or all t rows untiled)."""
+    A recompute layer rebuilds everything (row part over the tile, or all t rows untiled). An
+    untiled token-wise layer with 0 < alpha < 1 holds the rows read back and the rows recomputed
+    beside the tensors concatenated from them (offload/tokenwise.py ``_rebuild_rows``): one more
+    copy of its row tensors; and a token-wise layer's backward overlaps the read of the next
+    layer's first head rows (all of them untiled, one tile tiled)."""
     e, h = shape.dtype_bytes, shape.hidden
     attn_out = e * shape.heads * shape.head_dim + 4 * shape.heads
     full = 2 * e * h + 2 * shape.qkv_bytes + 2 * attn_out
+    rows = choice.tile_rows or t
+    row_part = shape.rows_bytes - shape.qkv_bytes + GRAD_ROWS * e * shape.ffn + 8 * h
+    extra = 0
     if choice.mode == "tokenwise":
         full += shape.whole_bytes
-    rows = choice.tile_rows or t
-    row_part = shape.rows_bytes - shape.qkv_bytes + 3 * e * shape.ffn + 8 * h
+        a = split_row(choice.alpha, t)
+        extra = min(a, rows) * shape.rows_bytes  # the next layer's first head rows, prefetched
+        if not choice.tile_rows and 0 < a < t:
+            extra += t * shape.rows_bytes
     if choice.mode == "keep" or choice.mode == "offload":
-        row_part = 3 * e * shape.ffn + 8 * h  # the saved rows are counted in activations / on the host
+        row_part = GRAD_ROWS * e * shape.ffn + 8 * h  # the saved rows: in activations / on the host
         rows = t
-    return t * full + rows * row_part
+    return t * full + rows * row_part + extra
 
 
 def activation_device_bytes(shape: ModelShape, t: int, choice: LayerChoice) -> int:
@@ -352,12 +364,22 @@ def estimate(
 
 
 def device_total(mem: dict[str, int]) -> int:
-    """Peak device bytes: the model states and held activations, plus the larger of one layer's
-    transient (with the ring buffers) and the loss's (they never overlap: the loss runs between
-    the last layer's forward and its backward)."""
-    transient = {"layer_peak", "cp_buffers", "loss"}
-    held = sum(v for k, v in mem.items() if "." not in k and k not in transient)
-    return held + max(mem["layer_peak"] + mem["cp_buffers"], mem["loss"])
+    """Peak device bytes: the model states, plus the larger of the loss phase (every layer's held
+    activations and the loss's transient) and the worst backward phase (``backward_peak``, with
+    the ring buffers); they never overlap."""
+    phases = {"activations", "layer_peak", "backward_peak", "cp_buffers", "loss"}
+    states = sum(v for k, v in mem.items() if "." not in k and k not in phases)
+    return states + max(mem["activations"] + mem["loss"], mem["backward_peak"] + mem["cp_buffers"])
+
+
+def backward_peak_bytes(shape: ModelShape, t: int, layers: list[LayerChoice]) -> int:
+    """The worst layer's backward: what the layers before it (and it) still hold, plus its
+    transient; backward runs from the last layer down, freeing each layer's held tensors."""
+    held = peak = 0
+    for c in layers:
+        held += activation_device_bytes(shape, t, c)
+        peak = max(peak, held + layer_peak_bytes(shape, t, c))
+    return peak
 
 
 def memory_bytes(shape: ModelShape, layout: Layout, job: Job, layers: list[LayerChoice]) -> dict[str, int]:
@@ -367,6 +389,7 @@ def memory_bytes(shape: ModelShape, layout: Layout, job: Job, layers: list[Layer
     mem = model_state_bytes(shape, layout)
     mem["activations"] = sum(activation_device_bytes(shape, t, c) for c in layers)
     mem["layer_peak"] = max(layer_peak_bytes(shape, t, c) for c in layers)
+    mem["backward_peak"] = backward_peak_bytes(shape, t, layers)
     # the final hidden states and their gradient (computed in the loss's forward, held to backward),
     # two fp32 [chunk, V] blocks (logits, their gradient), the fp32 LM-head weight gradient
     mem["loss"] = 2 * t * shape.hidden * e + 2 * min(LOSS_CHUNK_ROWS, t) * shape.vocab * 4
