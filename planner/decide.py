@@ -325,7 +325,7 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
         cap = _capacity(hw, layout, states, fixed, compute_seconds(shape, layout, job, hw))
         mode = fixed.mode or "tokenwise"
         tiles = _tile_candidates(t, fixed, "keep" if mode == "none" else mode)
-        for tile in tiles[1:2] or tiles if first else tiles:
+        for tile in (tiles[1:2] or tiles) if first else tiles:  # first: the smallest tile only
             layers: list[LayerChoice] | None = None
             found = False
             if mode == "tokenwise" and cap is not None:
