@@ -111,7 +111,7 @@ def _suggestion(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fix
         freed = dataclasses.replace(fixed, **{name: None})
         if search(shape, job, hw, gpus, freed, first=True).fits:
             out.append(f"drop {key}={getattr(fixed, name)} and let the planner choose it")
-    if longest:
+    if 0 < longest < job.seq_len:
         out.append(f"lower train.seq_len to {longest}")
     for more in (2, 4, 8, 16, 32, 64, 128):
         if search(shape, job, hw, gpus * more, fixed, first=True).fits:

@@ -261,17 +261,18 @@ def _tokenwise_plan(
             if alpha_cap < 0:
                 ok = False
                 break
-            if first:
-                choice[tier] = (0.0, 0.0)
-            elif fixed.alpha is not None:
+            if fixed.alpha is not None:
                 if fixed.alpha > alpha_cap:
                     ok = False
                     break
                 a = fixed.alpha
-                s = sum(
-                    layer_seconds(shape, layout, job, LayerChoice("tokenwise", a, tier, tile), hw).values()
+                layer = LayerChoice("tokenwise", a, tier, tile)
+                choice[tier] = (
+                    a,
+                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw).values()),
                 )
-                choice[tier] = (a, s)
+            elif first:
+                choice[tier] = (0.0, 0.0)
             else:
                 choice[tier] = _best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
         if not ok:
@@ -333,13 +334,21 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
                 found = layers is not None
             if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
                 if mode == "tokenwise":
-                    layers = [LayerChoice("tokenwise", 0.0, fixed.tier or "host", tile)] * shape.layers
+                    alpha = fixed.alpha or 0.0
+                    layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
                 else:
                     layers = _uniform(shape, mode, tile)
             est = estimate(shape, layout, job, layers, hw)
             over = _over(est, hw)
-            if mode == "tokenwise" and not found and not over:  # within the sizes, not the NVMe's endurance
-                over["file_endurance"] = est.mem_bytes["file.activations"] - (cap.file if cap else 0)
+            if mode == "tokenwise" and not found and cap is not None:
+                # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance
+                rpn = min(layout.gpus, hw.gpus_per_node)
+                for tier, room in (("host", cap.host), ("file", cap.file)):
+                    excess = est.mem_bytes[f"{tier}.activations"] - room
+                    if excess > 0:
+                        over[tier] = max(over.get(tier, 0), excess * rpn)
+                if not over:  # the host/file split of whole layers: no split fits
+                    over["host+file"] = 1
             if cap is None:
                 over.setdefault("optimizer", 1)
             if fixed.host_budget is not None and est.mem_bytes["host.activations"] > fixed.host_budget:

@@ -3,14 +3,13 @@ the memory categories of each mode, and ``--dry-run`` routed through them."""
 
 from __future__ import annotations
 
-import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-from tiny import tiny_adapted_model
 
-from longtrain.offload import apply_activation_memory, memory
-from longtrain.offload.memory import DeviceBytesCounter
 from longtrain.planner.estimate import (
     Job,
     LayerChoice,
@@ -94,55 +93,16 @@ def test_dry_run_prints_the_planner_estimate(capsys):
     assert "layer_peak" in line and "total" in line
 
 
-CALIBRATION = {
-    "none": ({"mode": "none"}, [LayerChoice("keep")] * 4),
-    "recompute": ({"mode": "recompute"}, [LayerChoice("recompute")] * 4),
-    "recompute tiles": (
-        {"mode": "recompute", "tile_rows": 256},
-        [LayerChoice("recompute", tile_rows=256)] * 4,
-    ),
-    "tokenwise 0": ({"mode": "tokenwise", "alpha": 0.0, "keep_last": 0}, [LayerChoice("tokenwise", 0.0)] * 4),
-    "tokenwise 0.5": (
-        {"mode": "tokenwise", "alpha": 0.5, "keep_last": 0},
-        [LayerChoice("tokenwise", 0.5)] * 4,
-    ),
-    "tokenwise 1": ({"mode": "tokenwise", "alpha": 1.0, "keep_last": 0}, [LayerChoice("tokenwise", 1.0)] * 4),
-    "tokenwise 0.5 tiles": (
-        {"mode": "tokenwise", "alpha": 0.5, "keep_last": 0, "tile_rows": 256},
-        [LayerChoice("tokenwise", 0.5, tile_rows=256)] * 4,
-    ),
-    "tokenwise 0, 2 kept": (
-        {"mode": "tokenwise", "alpha": 0.0, "keep_last": 2},
-        [LayerChoice("tokenwise", 0.0)] * 2 + [LayerChoice("keep")] * 2,
-    ),
-}
-
-
-@pytest.mark.usefixtures("one_intra_op_thread")
-@pytest.mark.skipif(memory._MALLINFO2 is None, reason="needs glibc mallinfo2")
 def test_predicted_peak_bounds_the_measured_one():
-    """Eight plans of a 4-layer fp32 Llama (hidden 128, ffn 512) at 1024 tokens on CPU: the
-    device-bytes counter's peak over one forward + backward (after a warm-up step; model states
-    already live when it starts, so gradients are the only state counted) against the estimate.
-    Measured when written: predicted / measured 1.10 to 1.25 (never below: the planner errs on
-    the side of not fitting)."""
-    t, vocab = 1024, 101
-    ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(0))
-    ratios = {}
-    for name, (activation, layers) in CALIBRATION.items():
-        model = tiny_adapted_model("llama", torch.float32, layers=4, hidden=128, ffn=512, vocab=vocab)
-        apply_activation_memory(model, activation)
-        model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        with DeviceBytesCounter(torch.device("cpu")) as counter:
-            model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-        model.layer_executor.close()
-        params = sum(p.numel() for p in model.parameters())
-        other = 2 * vocab * 128 + 128  # embeddings, LM head, final norm
-        shape = ModelShape(4, 128, 4, 2, 32, 512, vocab, (params - other) // 4, other, 4)
-        mem = memory_bytes(shape, Layout(1), Job(t), layers)
-        held = {k: v for k, v in mem.items() if k not in ("params", "param_casts", "optimizer")}
-        ratios[name] = device_total(held) / counter.peak_bytes
-    assert all(1.0 <= r <= 1.3 for r in ratios.values()), ratios
+    """Eight plans of a small Llama on CPU (tests/planner_calibration.py, in a fresh process: the
+    device-bytes counter reads the process's whole heap, which threads left by other tests move).
+    Measured when written: predicted / measured 1.10 to 1.25, never below (the planner errs on the
+    side of not fitting)."""
+    script = Path(__file__).resolve().parents[1] / "planner_calibration.py"
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
+    )
+    ratios = json.loads(out.stdout.strip().splitlines()[-1])
+    if ratios is None:
+        pytest.skip("needs glibc mallinfo2")
+    assert len(ratios) == 8 and all(1.0 <= r <= 1.3 for r in ratios.values()), ratios

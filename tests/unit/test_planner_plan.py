@@ -183,3 +183,14 @@ def test_trainer_runs_the_written_plan(capsys, tmp_path):
     ]
     assert main(["train", "tiny_cpu", *tiny, *run, *result["overrides"]]) == 0
     assert "done: step 1" in capsys.readouterr().out
+
+
+def test_a_fixed_alpha_the_host_cannot_hold_does_not_fit(capsys):
+    """activation.alpha set on the command line stays as set: 8 ranks' rows at alpha 0.9 overflow
+    the node's DRAM; freeing alpha, or a shorter sequence, fits."""
+    argv = ["memo_7b_1m", "hardware=a800_80g", "--gpus", "8", "activation.alpha=0.9", "activation.tier=host"]
+    code, result, _ = plan(capsys, *argv)
+    assert code == 1 and "host" in result["over_bytes"]
+    assert 0 < result["max_seq_len"] < 2**20
+    assert "drop activation.alpha=0.9" in result["suggestion"]
+    assert f"lower train.seq_len to {result['max_seq_len']}" in result["suggestion"]
