@@ -4,12 +4,14 @@
     longtrain recipes
     longtrain export RUN_DIR OUT_DIR [--step N]
     longtrain simulate --ranks N --context L [--lengths FILE.json] [--json] [--png PATH]
+    longtrain plan RECIPE [key=value ...] [hardware=NAME] [--gpus N] [--json] [--write FILE]
 
 RECIPE is a name from recipes/ or a YAML path; overrides use Hydra syntax. ``--nproc N`` starts N
 local processes through torch.distributed.run, each running ``python -m longtrain.trainer``.
 ``export`` writes a run's checkpoint as a Hugging Face model directory (``export.py``).
 ``simulate`` compares a static DP x CP mesh, naive HDP and balanced HDP on a length distribution
-with the planner and cost model (``parallel/simulate.py``; docs/parallel.md).
+with the planner and cost model (``parallel/simulate.py``; docs/parallel.md). ``plan`` says
+whether a job fits a hardware description and writes the plan that runs it (``planner/cli.py``).
 User errors (config keys, files, checkpoints, world size) print one line and exit with status 2.
 """
 
@@ -60,7 +62,32 @@ def _parser() -> argparse.ArgumentParser:
         "(longtrain simulate --help)",
         add_help=False,
     )
+    sub.add_parser(
+        "plan",
+        help="will a job fit (memory per device, alpha per layer, step time), and the plan that runs it "
+        "(longtrain plan --help)",
+        add_help=False,
+    )
     return parser
+
+
+def run_plan(argv: list[str]) -> int:
+    from longtrain.planner.cli import add_arguments, run
+
+    parser = argparse.ArgumentParser(
+        prog="longtrain plan",
+        description="Memory and step time of a job on a hardware description; the plan that fits.",
+    )
+    add_arguments(parser)
+    # overrides may follow options (`plan RECIPE --gpus 8 activation.mode=none`), as for train
+    args, extra = parser.parse_known_args(argv)
+    if any(e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def run_simulate(argv: list[str]) -> int:
@@ -170,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
         return run_simulate(argv[1:])
+    if argv[:1] == ["plan"]:
+        return run_plan(argv[1:])
     parser = _parser()
     # Overrides may follow options (`train tiny_cpu --nproc 2 train.steps=3`): argparse leaves
     # positionals that come after an option unparsed, so they are appended to the overrides here.

@@ -18,12 +18,12 @@ import shutil
 from pathlib import Path
 
 from longtrain.checkpoint import find_checkpoint, load_weights
+from longtrain.planner.estimate import model_config
 from longtrain.trainer.data import Tokenizer, load_tokenizer
 
 from .compose import compose
 from .config import ConfigError, JobConfig
 from .model.adapter import adapt
-from .plan import model_config
 from .train import architecture, param_dtype
 
 

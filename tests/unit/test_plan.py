@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from longtrain.planner.estimate import activation_bytes, format_bytes, meta_model
 from longtrain.trainer.cli import main
 from longtrain.trainer.compose import compose
-from longtrain.trainer.plan import activation_bytes, format_bytes, meta_model
 from longtrain.trainer.train import prepare
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

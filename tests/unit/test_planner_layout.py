@@ -69,6 +69,7 @@ def best_by_brute_force(items: list[Item], sizes: list[int]) -> int:
             )
         peak = max(offs[i] + sizes[i] for i in offs)
         best = peak if best is None else min(best, peak)
+    assert best is not None
     return best
 
 

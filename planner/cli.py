@@ -1,0 +1,241 @@
+"""``longtrain plan RECIPE [overrides] [hardware=NAME] [hardware.FIELD=V] [--gpus N] [--json] [--write FILE]``
+
+Will the job fit, how fast will it run, and what to change if it does not: per-device memory by
+category, the layout (cp, sharding, optimizer tier), alpha and tile_rows per layer, predicted step
+time and MFU, the longest sequence that fits, and a verdict with the smallest change that would
+fit. ``--write FILE`` writes the ``activation.plan`` file and prints the overrides that run it.
+
+Keys given on the command line stay as set (activation.mode/alpha/tier/keep_last/tile_rows,
+parallel.context_parallel/mode/shard, optim.offload); the rest is chosen (planner/decide.py).
+``hardware=NAME``: planner/hardware.py (default h100_80g); ``hardware.FIELD=V`` overrides one of
+its fields (e.g. hardware.host_bytes=1e12, hardware.gpus_per_node=4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from longtrain.config_checks import ConfigError
+
+from .decide import Fixed, Plan, max_seq_len, search
+from .estimate import Job, ModelShape, format_bytes
+from .hardware import Hardware, hardware
+
+DEFAULT_HARDWARE = "h100_80g"
+_OPTIM_TIER = {"none": "device", "dram": "dram", "cxl": "dram", "nvme": "nvme", "auto": None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe name (see `longtrain recipes`) or path to a YAML file")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra-style overrides, hardware=NAME, hardware.FIELD=VALUE"
+    )
+    parser.add_argument("--gpus", type=int, help="number of GPUs (default: the recipe's world size, else 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--write", metavar="FILE", help="write the activation.plan file here")
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], str, dict[str, float]]:
+    """(job overrides, hardware name, hardware field overrides)."""
+    job, name, fields = [], DEFAULT_HARDWARE, {}
+    known = {f.name for f in dataclasses.fields(Hardware)} - {"name"}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if key == "hardware" and eq:
+            name = value
+        elif key.startswith("hardware.") and eq:
+            field = key.removeprefix("hardware.")
+            if field not in known:
+                raise ConfigError(f"unknown key {key}; hardware fields: {', '.join(sorted(known))}")
+            try:
+                fields[field] = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        else:
+            job.append(item)
+    return job, name, fields
+
+
+def _hardware(name: str, fields: dict[str, float]) -> Hardware:
+    hw = hardware(name)
+    if not fields:
+        return hw
+    values: dict[str, Any] = {}
+    for key, value in fields.items():
+        kind = type(getattr(hw, key))
+        values[key] = int(value) if kind is int else value
+    return dataclasses.replace(hw, **values)
+
+
+def fixed_from(cfg: Any, explicit: set[str]) -> Fixed:
+    """What the command line fixed (``explicit``: the override keys) plus the budgets."""
+    act, par = cfg.activation, cfg.parallel
+    cp = None
+    if "parallel.context_parallel" in explicit or ("parallel.mode" in explicit and par.mode != "cp"):
+        cp = par.context_parallel
+    tile = act.tile_rows if "activation.tile_rows" in explicit and act.tile_rows != "auto" else None
+    return Fixed(
+        mode=act.mode if "activation.mode" in explicit else None,
+        alpha=float(act.alpha) if "activation.alpha" in explicit and act.alpha != "auto" else None,
+        tier=act.tier if "activation.tier" in explicit else None,
+        keep_last=act.keep_last if "activation.keep_last" in explicit else None,
+        tile_rows=int(tile) if tile is not None else None,
+        cp=cp,
+        shard=par.shard if "parallel.shard" in explicit else None,
+        optim_tier=_OPTIM_TIER[cfg.optim.offload] if "optim.offload" in explicit else None,
+        host_budget=act.host_budget_bytes,
+        dram_budget=cfg.optim.dram_budget_bytes,
+    )
+
+
+def _suggestion(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, longest: int) -> str:
+    """The smallest change that fits: freeing one key the command line fixed, else a shorter
+    sequence, else more GPUs."""
+    names = {
+        "mode": "activation.mode",
+        "alpha": "activation.alpha",
+        "tier": "activation.tier",
+        "keep_last": "activation.keep_last",
+        "tile_rows": "activation.tile_rows",
+        "cp": "parallel.context_parallel",
+        "shard": "parallel.shard",
+        "optim_tier": "optim.offload",
+    }
+    out = []
+    for name, key in names.items():
+        if getattr(fixed, name) is None:
+            continue
+        freed = dataclasses.replace(fixed, **{name: None})
+        if search(shape, job, hw, gpus, freed, first=True).fits:
+            out.append(f"drop {key}={getattr(fixed, name)} and let the planner choose it")
+    if 0 < longest < job.seq_len:
+        out.append(f"lower train.seq_len to {longest}")
+    for more in (2, 4, 8, 16, 32, 64, 128):
+        if search(shape, job, hw, gpus * more, fixed, first=True).fits:
+            out.append(f"use --gpus {gpus * more}")
+            break
+    return (
+        "; or ".join(out) if out else "no change of seq_len, GPUs or the fixed keys fits; use larger devices"
+    )
+
+
+_SHAPES: dict[tuple[Any, ...], ModelShape] = {}
+
+
+def _shape(cfg: Any) -> ModelShape:
+    """``ModelShape.of_config``, remembered per model config (building the meta model takes ~2 s;
+    parameter counts do not depend on the sequence length)."""
+    key = (dataclasses.astuple(cfg.model), cfg.train.dtype)
+    if key not in _SHAPES:
+        _SHAPES[key] = ModelShape.of_config(cfg)
+    return _SHAPES[key]
+
+
+def plan_job(
+    recipe: str, overrides: list[str], gpus: int | None
+) -> tuple[Any, Plan, dict[str, Any], Hardware, int]:
+    from longtrain.trainer.compose import compose
+
+    job_overrides, name, fields = _split_overrides(overrides)
+    hw = _hardware(name, fields)
+    cfg = compose(recipe, job_overrides)
+    if cfg.activation.plan is not None:
+        raise ConfigError("longtrain plan writes activation.plan (--write FILE); drop activation.plan")
+    if gpus is None:
+        par = cfg.parallel
+        gpus = par.data_parallel * par.context_parallel if par.data_parallel > 0 else par.context_parallel
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    explicit = {item.partition("=")[0].lstrip("+~") for item in job_overrides}
+    fixed = fixed_from(cfg, explicit)
+    shape = _shape(cfg)
+    job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
+    best = search(shape, job, hw, gpus, fixed)
+    longest = max_seq_len(shape, job, hw, gpus, fixed)
+    est = best.estimate
+    tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
+    result: dict[str, Any] = {
+        "fits": best.fits,
+        "hardware": hw.name,
+        "gpus": gpus,
+        "seq_len": job.seq_len,
+        "tokens_per_rank": job.tokens_per_rank(best.layout.cp),
+        "layout": dataclasses.asdict(best.layout),
+        "modes": [c.mode for c in best.layers],
+        "alpha": [c.alpha if c.mode == "tokenwise" else None for c in best.layers],
+        "tiers": [c.tier if c.mode == "tokenwise" else None for c in best.layers],
+        "tile_rows": [c.tile_rows for c in best.layers],
+        "mem_bytes": est.mem_bytes,
+        "device_bytes": est.device_bytes,
+        "device_capacity_bytes": hw.usable_device_bytes,
+        "host_bytes_per_node": est.host_bytes_per_node,
+        "file_bytes_per_node": est.file_bytes_per_node,
+        "over_bytes": best.over,
+        "predicted_step_s": est.step_s,
+        "predicted_parts_s": est.parts_s,
+        "predicted_mfu": est.mfu,
+        "max_seq_len": longest,
+        "suggestion": None if best.fits else _suggestion(shape, job, hw, gpus, fixed, longest),
+        "tokenwise_layers": len(tokenwise),
+    }
+    return cfg, best, result, hw, gpus
+
+
+def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
+    lay = result["layout"]
+    mem = result["mem_bytes"]
+    device = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." not in k and v)
+    off = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." in k and v)
+    modes: dict[tuple[Any, ...], int] = {}
+    for m, a, tier, r in zip(
+        result["modes"], result["alpha"], result["tiers"], result["tile_rows"], strict=True
+    ):
+        key = (m, a, tier, r)
+        modes[key] = modes.get(key, 0) + 1
+    layers = "; ".join(
+        f"{n} x {m}"
+        + (f" alpha {a:.4f} on {tier}" if m == "tokenwise" else "")
+        + (f" tile_rows {r}" if r else "")
+        for (m, a, tier, r), n in modes.items()
+    )
+    verdict = (
+        "fits" if result["fits"] else f"does NOT fit (over: {result['over_bytes']}); {result['suggestion']}"
+    )
+    return "\n".join(
+        [
+            f"plan: {recipe} on {result['gpus']} x {hw.name}, seq_len {result['seq_len']} "
+            f"({result['tokens_per_rank']} tokens per rank)",
+            f"layout: context parallel {lay['cp']}, shard {lay['shard']}, optimizer state on {lay['optim_tier']}",
+            f"per device: {device}; total {format_bytes(result['device_bytes'])} of "
+            f"{format_bytes(result['device_capacity_bytes'])} usable",
+            f"off the device (per device): {off or 'nothing'}; per node host "
+            f"{format_bytes(result['host_bytes_per_node'])} of {format_bytes(hw.host_bytes)}, file "
+            f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",
+            f"layers: {layers}",
+            f"predicted step {result['predicted_step_s']:.3f} s, MFU {100 * result['predicted_mfu']:.1f}% "
+            f"({', '.join(f'{k} {v:.3f}' for k, v in result['predicted_parts_s'].items() if v)})",
+            f"longest sequence that fits: {result['max_seq_len']}",
+            f"verdict: {verdict}",
+        ]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan; write the plan file with ``--write``. Exit status 0 when it fits, 1 when not."""
+    cfg, best, result, hw, _gpus = plan_job(args.recipe, args.overrides, args.gpus)
+    if args.write:
+        best.write(args.write)
+        result["plan_file"] = args.write
+        result["overrides"] = best.overrides(args.write, cfg.output_dir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_text(args.recipe, result, hw))
+        if args.write:
+            print(
+                f"wrote {args.write}; run it with: longtrain train {args.recipe} {' '.join(result['overrides'])}"
+            )
+    return 0 if result["fits"] else 1

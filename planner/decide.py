@@ -1,0 +1,395 @@
+"""The decision step: per-layer mode / alpha / tier / tile_rows, the optimizer tier, sharding and
+context parallelism minimising the predicted step time (``estimate.py``) under the device, host
+and disk capacities.
+
+An exact search, not a MIP: it is optimal for the cost model over the candidate sets (cp: the
+divisors of the GPU count; shard: none / fsdp / deepspeed; optimizer tier: device / dram / nvme;
+tile_rows: 0 and the powers of two from 256 rows below the tokens per rank). For each of those
+combinations:
+
+- kept layers: a kept layer is never slower than a token-wise one (no recompute, no copy) and
+  holds nothing off the device, so the best plan keeps the most last layers the device holds
+  (``keep`` count k: largest k that fits).
+- the other n = L - k layers are token-wise; n_file of them (the first ones, whose backward comes
+  last) on the file tier, the rest on the host: every n_file in 0..n is tried.
+- alpha: a layer's time is convex and piecewise linear in alpha (recompute falls linearly, the
+  copies' exposed time max(0, bytes/bandwidth - compute) rises past a kink) and the tiers'
+  capacities are linear in the sum of alphas, so one alpha per tier is optimal (Jensen: averaging
+  the alphas of a tier's layers keeps the sum and does not raise the time), and its best value is
+  an end point, a kink or the capacity bound: those are evaluated.
+
+A key the user set on the command line stays as set (``Fixed``); the recipe's values are where
+the planner starts, not constraints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longtrain.offload.cost import ROW_ALIGN
+
+from .estimate import (
+    COMPUTE_EFFICIENCY,
+    OPTIM_TIERS,
+    SHARDS,
+    Estimate,
+    Job,
+    LayerChoice,
+    Layout,
+    ModelShape,
+    activation_device_bytes,
+    attention_flops,
+    compute_seconds,
+    estimate,
+    layer_peak_bytes,
+    layer_seconds,
+    memory_bytes,
+    model_state_bytes,
+    tier_bandwidth,
+)
+from .hardware import Hardware
+
+HOST_FRACTION = 0.9  # of a node's DRAM / NVMe the plan may fill (the OS, page cache, data loader)
+MIN_TILE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What the user fixed (None: the planner chooses). ``mode``: a uniform activation.mode (none /
+    recompute / offload / tokenwise); ``host_budget`` / ``dram_budget``: per-rank host bytes for
+    activations / optimizer state."""
+
+    mode: str | None = None
+    alpha: float | None = None
+    tier: str | None = None
+    keep_last: int | None = None
+    tile_rows: int | None = None
+    cp: int | None = None
+    shard: str | None = None
+    optim_tier: str | None = None
+    host_budget: int | None = None
+    dram_budget: int | None = None
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    layers: list[LayerChoice]
+    estimate: Estimate
+    fits: bool
+    over: dict[str, int] = field(default_factory=dict)  # resource -> bytes over its capacity
+
+    def plan_json(self) -> dict[str, Any]:
+        """The ``activation.plan`` file (offload/plan.py's schema)."""
+        out = []
+        for c in self.layers:
+            entry: dict[str, Any] = {"mode": c.mode}
+            if c.mode == "tokenwise":
+                entry.update(alpha=c.alpha, tier=c.tier)
+            if c.mode in ("tokenwise", "recompute"):
+                entry["tile_rows"] = c.tile_rows
+            out.append(entry)
+        return {"layers": out}
+
+    def overrides(self, plan_path: str, output_dir: str) -> list[str]:
+        """The trainer keys that run this plan (``activation.plan`` pointing at the written file)."""
+        lay = self.layout
+        keys = [f"activation.plan={plan_path}", f"parallel.shard={lay.shard}"]
+        if lay.cp > 1:
+            keys += ["parallel.mode=cp", f"parallel.context_parallel={lay.cp}"]
+        keys.append(f"optim.offload={'none' if lay.optim_tier == 'device' else lay.optim_tier}")
+        if lay.optim_tier == "nvme":
+            keys.append(f"optim.nvme_dir={output_dir}/optim_nvme")
+        return keys
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.plan_json(), indent=1) + "\n")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _tile_candidates(t: int, fixed: Fixed, mode: str) -> list[int]:
+    if mode in ("keep", "offload"):
+        return [0]
+    if fixed.tile_rows is not None:
+        return [fixed.tile_rows if 0 < fixed.tile_rows < t else 0]
+    rows = [0]
+    r = MIN_TILE_ROWS
+    while r < t:
+        rows.append(r)
+        r *= 2
+    return rows
+
+
+def _layouts(gpus: int, fixed: Fixed, seq_tokens: int) -> list[Layout]:
+    out = []
+    for cp in [fixed.cp] if fixed.cp is not None else _divisors(gpus):
+        if cp > seq_tokens:
+            continue
+        for shard in [fixed.shard] if fixed.shard is not None else SHARDS:
+            if shard == "deepspeed" and cp > 1:  # parallel/config.py: not combined with cp yet
+                continue
+            for tier in [fixed.optim_tier] if fixed.optim_tier is not None else OPTIM_TIERS:
+                out.append(Layout(gpus, cp, shard, tier))
+    return out
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Per-rank byte capacities (device, host activations, file activations)."""
+
+    device: int
+    host: int
+    file: int
+
+
+def _capacity(
+    hw: Hardware, layout: Layout, states: dict[str, int], fixed: Fixed, min_step_s: float
+) -> Capacity | None:
+    """What is left per rank for activations once the model states sit on their tiers (None: the
+    optimizer state alone overflows its tier). The file tier also holds no more than the NVMe's
+    endurance lets a step write: its rated drive writes per day over a step of at least
+    ``min_step_s`` (the step's compute alone), so the bound holds for any plan."""
+    rpn = min(layout.gpus, hw.gpus_per_node)
+    host = int(hw.host_bytes * HOST_FRACTION) // rpn - states.get("host.optimizer", 0)
+    file = int(hw.nvme_bytes * HOST_FRACTION) // rpn - states.get("file.optimizer", 0)
+    file = min(file, int(hw.nvme_endurance_bps * min_step_s) // rpn)
+    if fixed.dram_budget is not None and states.get("host.optimizer", 0) > fixed.dram_budget:
+        return None
+    if host < 0 or file < 0:
+        return None
+    if fixed.host_budget is not None:
+        host = min(host, fixed.host_budget)
+    device = hw.usable_device_bytes - sum(v for k, v in states.items() if "." not in k)
+    return Capacity(device, host, file)
+
+
+def _best_alpha(
+    shape: ModelShape, layout: Layout, job: Job, hw: Hardware, tier: str, tile: int, cap: float
+) -> tuple[float, float]:
+    """(alpha, seconds of one token-wise layer) on ``tier`` with alpha <= cap: the best of the end
+    points, the kinks and the cap (the layer's time is convex piecewise linear in alpha)."""
+    t = job.tokens_per_rank(layout.cp)
+    if cap < 0:
+        return 0.0, float("inf")
+    cap = min(cap, 1.0)
+    rate = hw.flops * COMPUTE_EFFICIENCY
+    fwd = (2.0 * t * shape.layer_params + attention_flops(shape, job, layout.cp)) / rate
+    write, read = tier_bandwidth(hw, layout, tier)
+    tw, rw = t * shape.whole_bytes, t * shape.rows_bytes
+    points = {0.0, cap}
+    for bw, budget in ((write, fwd), (read, 2 * fwd)):
+        kink = (budget * bw - tw) / rw if rw else 0.0
+        if 0.0 < kink < cap:
+            points.add(kink)
+    best = (0.0, float("inf"))
+    for a in sorted(points):
+        s = sum(layer_seconds(shape, layout, job, LayerChoice("tokenwise", a, tier, tile), hw).values())
+        if s < best[1] - 1e-12:
+            best = (a, s)
+    return best
+
+
+def _tokenwise_plan(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    cap: Capacity,
+    tile: int,
+    fixed: Fixed,
+    first: bool = False,
+) -> list[LayerChoice] | None:
+    """The fastest layers for one layout and tile size that fit (None: none does); ``first``: the
+    first that fits, alphas 0 (a feasibility check)."""
+    t = job.tokens_per_rank(layout.cp)
+    n_layers = shape.layers
+    tok = LayerChoice("tokenwise", 0.0, "host", tile)
+    keep = LayerChoice("keep")
+    # alpha inside (0, 1): an untiled layer's rebuild then holds its rows twice (the bound for any alpha)
+    peak_tok = layer_peak_bytes(shape, t, LayerChoice("tokenwise", 0.5, "host", tile))
+    peak_keep = layer_peak_bytes(shape, t, keep)
+    per_keep = activation_device_bytes(shape, t, keep)
+
+    fixed_mem = memory_bytes(shape, layout, job, [tok])  # loss and ring buffers: the same for any layers
+
+    def device(k: int) -> int:
+        """Kept layers are the last: the loss phase holds them all, and so does the first backward
+        (the last layer's); the token-wise layers' backward comes after theirs has freed them."""
+        ring = fixed_mem["cp_buffers"]
+        peak = max(k * per_keep + fixed_mem["loss"], peak_tok + ring if k < n_layers else 0)
+        if k:
+            peak = max(peak, k * per_keep + peak_keep + ring)
+        return peak
+
+    if fixed.keep_last is not None:
+        k = min(fixed.keep_last, n_layers)
+        if device(k) > cap.device:
+            return None
+    else:
+        k = -1
+        for cand in range(n_layers + 1):
+            if device(cand) <= cap.device:
+                k = cand
+            elif cand > 0:
+                break
+        if k < 0:
+            return None
+    n_off = n_layers - k
+    whole = t * shape.whole_bytes
+    rows = t * shape.rows_bytes
+    best: tuple[float, list[LayerChoice]] | None = None
+    files = range(n_off + 1)
+    if fixed.tier == "host":
+        files = range(0, 1)
+    elif fixed.tier == "file":
+        files = range(n_off, n_off + 1)
+    for n_file in files:
+        n_host = n_off - n_file
+        choice: dict[str, tuple[float, float]] = {}
+        ok = True
+        for tier, n, room in (("host", n_host, cap.host), ("file", n_file, cap.file)):
+            if n == 0:
+                continue
+            alpha_cap = (room / n - whole) / rows if rows else 1.0
+            if alpha_cap < 0:
+                ok = False
+                break
+            if fixed.alpha is not None:
+                if fixed.alpha > alpha_cap:
+                    ok = False
+                    break
+                a = fixed.alpha
+                layer = LayerChoice("tokenwise", a, tier, tile)
+                choice[tier] = (
+                    a,
+                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw).values()),
+                )
+            elif first:
+                choice[tier] = (0.0, 0.0)
+            else:
+                choice[tier] = _best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
+        if not ok:
+            continue
+        seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
+        if best is None or seconds < best[0]:
+            layers = []
+            if n_file:
+                layers += [LayerChoice("tokenwise", _floor4(choice["file"][0]), "file", tile)] * n_file
+            if n_host:
+                layers += [LayerChoice("tokenwise", _floor4(choice["host"][0]), "host", tile)] * n_host
+            layers += [keep] * k
+            best = (seconds, layers)
+            if first:
+                break
+    return None if best is None else best[1]
+
+
+def _floor4(a: float) -> float:
+    """alpha rounded down to 4 decimals (the plan file's; down keeps the capacity bound)."""
+    return int(a * 10000) / 10000
+
+
+def _uniform(shape: ModelShape, mode: str, tile: int) -> list[LayerChoice]:
+    if mode == "none":
+        return [LayerChoice("keep")] * shape.layers
+    if mode == "offload":
+        return [LayerChoice("offload")] * shape.layers
+    if mode == "recompute":
+        return [LayerChoice("recompute", tile_rows=tile)] * shape.layers
+    raise ValueError(mode)
+
+
+def _over(est: Estimate, hw: Hardware) -> dict[str, int]:
+    over = {
+        "device": est.device_bytes - hw.usable_device_bytes,
+        "host": est.host_bytes_per_node - int(hw.host_bytes * HOST_FRACTION),
+        "file": est.file_bytes_per_node - int(hw.nvme_bytes * HOST_FRACTION),
+    }
+    return {k: v for k, v in over.items() if v > 0}
+
+
+def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, first: bool = False) -> Plan:
+    """The fastest plan that fits, or (``fits`` False) the plan that overflows least; ``first``:
+    the first plan found that fits (feasibility only: the smallest tiles, alpha 0)."""
+    best: Plan | None = None
+    closest: tuple[int, Plan] | None = None
+    for layout in _layouts(gpus, fixed, job.seq_len * job.micro_batch):
+        t = job.tokens_per_rank(layout.cp)
+        states = model_state_bytes(shape, layout)
+        cap = _capacity(hw, layout, states, fixed, compute_seconds(shape, layout, job, hw))
+        mode = fixed.mode or "tokenwise"
+        tiles = _tile_candidates(t, fixed, "keep" if mode == "none" else mode)
+        for tile in (tiles[1:2] or tiles) if first else tiles:  # first: the smallest tile only
+            layers: list[LayerChoice] | None = None
+            found = False
+            if mode == "tokenwise" and cap is not None:
+                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first)
+                found = layers is not None
+            if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
+                if mode == "tokenwise":
+                    alpha = fixed.alpha or 0.0
+                    layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
+                else:
+                    layers = _uniform(shape, mode, tile)
+            est = estimate(shape, layout, job, layers, hw)
+            over = _over(est, hw)
+            if mode == "tokenwise" and not found and cap is not None:
+                # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance
+                rpn = min(layout.gpus, hw.gpus_per_node)
+                for tier, room in (("host", cap.host), ("file", cap.file)):
+                    excess = est.mem_bytes[f"{tier}.activations"] - room
+                    if excess > 0:
+                        over[tier] = max(over.get(tier, 0), excess * rpn)
+                if not over:  # the host/file split of whole layers: no split fits
+                    over["host+file"] = 1
+            if cap is None:
+                over.setdefault("optimizer", 1)
+            if fixed.host_budget is not None and est.mem_bytes["host.activations"] > fixed.host_budget:
+                over["activation.host_budget_bytes"] = est.mem_bytes["host.activations"] - fixed.host_budget
+            plan = Plan(layout, layers, est, not over, over)
+            if plan.fits:
+                if first:
+                    return plan
+                if best is None or est.step_s < best.estimate.step_s:
+                    best = plan
+            else:
+                total = sum(over.values())
+                if closest is None or total < closest[0]:
+                    closest = (total, plan)
+    if best is not None:
+        return best
+    assert closest is not None, "no layout to evaluate"
+    return closest[1]
+
+
+def fits_at(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) -> bool:
+    return search(shape, job, hw, gpus, fixed, first=True).fits
+
+
+def max_seq_len(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) -> int:
+    """The longest sequence with a plan that fits (0: none does), found by doubling and bisection
+    in steps of ``ROW_ALIGN`` tokens and reported as a multiple of 1024 above 1024 (fitting is
+    monotone in the length: every byte count grows with it)."""
+
+    def ok(n: int) -> bool:
+        return fits_at(shape, dataclasses.replace(job, seq_len=n * ROW_ALIGN), hw, gpus, fixed)
+
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**27:  # 1G tokens: beyond any plan
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    tokens = lo * ROW_ALIGN
+    return tokens - tokens % 1024 if tokens >= 1024 else tokens
