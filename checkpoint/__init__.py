@@ -1,6 +1,8 @@
-"""Checkpoints and resume, behind the ``Checkpointer`` protocol (``protocol.py``). For now a simple
-synchronous save/resume (``sync.py``); the lazy asynchronous in-memory snapshots with erasure
-coding replace its save path later."""
+"""Checkpoints and resume, behind the ``Checkpointer`` protocol (``protocol.py``): synchronous disk
+checkpoints (``sync.py``) and, with ``checkpoint.snapshot_every``, lazy in-memory snapshots in
+per-rank agent processes between them (``snapshot.py``, imported from there: importing the package
+must not import ``agent``, which runs as ``python -m longtrain.checkpoint.agent``); erasure
+coding across ranks later."""
 
 from .config import CheckpointConfig
 from .protocol import Checkpointer, Restored, TrainState

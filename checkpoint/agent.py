@@ -42,20 +42,31 @@ from .slots import SlotPair, create_slot_file, private_dir
 SHM_ROOT = Path("/dev/shm")
 
 
-def agent_dir(output_dir: str, shm_root: Path = SHM_ROOT) -> Path:
+def agent_dir(output_dir: str, shm_root: Path = SHM_ROOT, create: bool = True) -> Path:
     """The private directory of a job's agents: keyed by the job's resolved output_dir, so a
-    re-run of the same command finds its agents and another job never does."""
+    re-run of the same command finds its agents and another job never does. ``create``: make
+    it (and check it is private) if need be; else only the path."""
     key = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
-    return private_dir(private_dir(shm_root / f"longtrain-{os.getuid()}") / key)  # both levels ours, 0700
+    user = shm_root / f"longtrain-{os.getuid()}"
+    if not create:
+        return user / key
+    return private_dir(private_dir(user) / key)  # both levels ours, 0700
 
 
-def _paths(directory: Path, rank: int) -> tuple[Path, tuple[Path, Path]]:
+def agent_paths(directory: Path, rank: int) -> tuple[Path, tuple[Path, Path]]:
+    """The socket and the two slot files of ``rank``'s agent in a job's ``directory``."""
     return directory / f"rank{rank}.sock", (directory / f"rank{rank}.slot0", directory / f"rank{rank}.slot1")
+
+
+def agent_log(directory: Path, rank: int) -> Path:
+    """Where ``rank``'s agent writes its stderr (removed with its slots)."""
+    return directory / f"rank{rank}.log"
 
 
 class _Agent:
     def __init__(self, directory: Path, rank: int, idle_exit: float):
-        self.sock_path, self.slot_paths = _paths(directory, rank)
+        self.sock_path, self.slot_paths = agent_paths(directory, rank)
+        self.rank = rank
         self.idle_exit = idle_exit
         self.lock = threading.Lock()
         self.clients = 0
@@ -79,7 +90,7 @@ class _Agent:
         return {"error": f"unknown request {op!r}"}
 
     def cleanup(self) -> None:
-        for path in (*self.slot_paths, self.sock_path):
+        for path in (*self.slot_paths, self.sock_path, agent_log(self.sock_path.parent, self.rank)):
             path.unlink(missing_ok=True)
         try:  # the job's directory goes with its last agent
             self.sock_path.parent.rmdir()
@@ -142,7 +153,7 @@ class AgentClient:
     @classmethod
     def connect(cls, directory: Path, rank: int) -> AgentClient | None:
         """The running agent of ``rank``, or None when there is none (no socket, or a dead agent's)."""
-        sock_path, _ = _paths(directory, rank)
+        sock_path, _ = agent_paths(directory, rank)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(sock_path))
@@ -166,21 +177,32 @@ class AgentClient:
             "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
         }
         cmd = [sys.executable, "-m", "longtrain.checkpoint.agent", str(directory), str(rank), str(idle_exit)]
-        process = subprocess.Popen(
-            cmd,
-            start_new_session=True,  # not in the trainer's process group: survives its signals
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
+        # Its own stderr file, not the trainer's: an agent holding the trainer's pipes open would
+        # keep whoever reads them (a launcher, a test) waiting after the trainer is gone.
+        log_fd = os.open(agent_log(directory, rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            process = subprocess.Popen(
+                cmd,
+                start_new_session=True,  # not in the trainer's process group: survives its signals
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                env=env,
+            )
+        finally:
+            os.close(log_fd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             client = cls.connect(directory, rank)
             if client is not None:
                 return client
             if process.poll() is not None:
+                said = agent_log(directory, rank).read_text().strip().splitlines()[-1:]
+                agent_log(directory, rank).unlink(missing_ok=True)
                 raise AgentError(
-                    f"the snapshot agent of rank {rank} exited at start (status {process.returncode})"
+                    f"the snapshot agent of rank {rank} exited at start (status {process.returncode}"
+                    + (f": {said[0]}" if said else "")
+                    + ")"
                 )
             time.sleep(0.05)
         raise AgentError(f"the snapshot agent of rank {rank} did not answer within {timeout:.0f} s")

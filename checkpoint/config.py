@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longtrain.config_checks import check_fields, option
+from longtrain.config_checks import ConfigError, check_fields, option
+
+from .parity import ErasureCode
 
 
 @dataclass
 class CheckpointConfig:
-    """enabled: save checkpoints at all.  every: save every N optimizer steps (and at the end).
+    """enabled: save checkpoints at all.  every: save to disk every N optimizer steps (and at the end).
     dir: where checkpoints go (default <output_dir>/checkpoints).  keep: newest N kept (0 = all).
-    resume: auto (newest complete checkpoint under dir, if any) | never | a checkpoint directory.
+    resume: auto (the newest of: a snapshot in the agents' memory, a complete checkpoint under dir)
+    | never | a checkpoint directory.
+    snapshot_every: take an in-memory snapshot every N optimizer steps (null = none): a lazy copy of
+    the whole training state into this rank's snapshot agent, which outlives a crash of the trainer.
+    agents: run snapshot agents (needed by snapshot_every).  ec: erasure code across ranks' snapshots,
+    none | xor | rs:k+m (checked; not applied yet).
     """
 
     enabled: bool = True
@@ -19,6 +26,22 @@ class CheckpointConfig:
     dir: str | None = None
     keep: int = option(2, min=0)
     resume: str = option("auto", nonempty=True)
+    snapshot_every: int | None = option(None, min=0)
+    agents: bool = True
+    ec: str = "xor"
 
     def __post_init__(self) -> None:
         check_fields(self, "checkpoint")
+        if self.snapshot_every == 0:
+            self.snapshot_every = None
+        ErasureCode.parse(self.ec, "checkpoint.ec")
+        if self.snapshot_every is not None and not self.agents:
+            raise ConfigError(
+                f"checkpoint.snapshot_every={self.snapshot_every} needs checkpoint.agents=true (the snapshots live "
+                "in the agent processes); set checkpoint.snapshot_every=null or checkpoint.agents=true"
+            )
+        if self.snapshot_every is not None and not self.enabled:
+            raise ConfigError(
+                f"checkpoint.snapshot_every={self.snapshot_every} with checkpoint.enabled=false; set "
+                "checkpoint.snapshot_every=null or checkpoint.enabled=true"
+            )

@@ -49,11 +49,13 @@ class TrainState:
 @dataclass
 class Restored:
     """Where a resume came from: the step it restored (training continues at ``step + 1``), the
-    data loader's state and the checkpoint it was read from."""
+    data loader's state and the checkpoint it was read from (``source``: "disk" or "agent memory",
+    where ``path`` is the snapshot's slot)."""
 
     step: int
     data_state: dict[str, Any]
     path: Path
+    source: str = "disk"
 
 
 class Checkpointer(Protocol):

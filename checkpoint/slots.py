@@ -146,6 +146,10 @@ class Slot:
             return (EMPTY, 0, 0, 0, 0, 0, 0, 0)
         return state, seq, step, t_off, t_len, t_crc, d_off, d_len
 
+    def discard(self) -> None:
+        """Mark the slot empty (a snapshot of another timeline: a run resumed from an older step)."""
+        self._set_state(EMPTY)
+
     def _set_state(self, state: int) -> None:
         struct.pack_into("<I", self._mm, 8, state)
 

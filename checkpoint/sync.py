@@ -120,7 +120,7 @@ def verify(path: Path) -> None:
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
     match = _STEP_DIR.fullmatch(path.name)
     assert match is not None  # only called on step-N directories
     return int(match.group(1))
@@ -130,7 +130,7 @@ def list_steps(root: Path) -> list[Path]:
     """``step-N`` directories, complete or not, oldest first (``step-N.tmp``, ``step-N.old``... are ignored)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)), key=_step_of)
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)), key=step_of)
 
 
 def list_complete(root: Path) -> list[Path]:
@@ -164,7 +164,7 @@ def find_checkpoint(root: Path, step: int | None = None) -> Path:
         return found
     path = _step_dir(root, step)
     if not path.is_dir():
-        steps = ", ".join(str(_step_of(p)) for p in list_complete(root)) or "none"
+        steps = ", ".join(str(step_of(p)) for p in list_complete(root)) or "none"
         raise CheckpointError(
             f"no checkpoint of step {step} under {str(root)!r} (complete steps there: {steps})"
         )
@@ -254,12 +254,17 @@ class SyncCheckpointer:
         """Nothing to wait for: ``save`` returns after the files are written."""
 
     def load(self, state: TrainState) -> Restored | None:
-        # Rank 0 decides (only it writes checkpoints); every rank must then see the same directory.
+        path = self.agreed_resume()
+        return None if path is None else self.load_from(path, state)
+
+    def agreed_resume(self) -> Path | None:
+        """``find_resume`` on rank 0 (only it writes checkpoints), the same path on every rank."""
         from longtrain.parallel import broadcast_object
 
-        path = broadcast_object(self.find_resume() if self.is_main else None, self.mesh)
-        if path is None:
-            return None
+        return broadcast_object(self.find_resume() if self.is_main else None, self.mesh)
+
+    def load_from(self, path: Path, state: TrainState) -> Restored:
+        """Restore checkpoint ``path`` (every rank: every rank must see the same directory)."""
         if not (path / MANIFEST).is_file():
             raise CheckpointError(
                 f"rank {self.mesh.rank} cannot read checkpoint {str(path)!r} that rank 0 resumes from; "

@@ -180,6 +180,11 @@ class JobConfig:
                 f"model.sliding_window={self.model.sliding_window} < train.seq_len={self.train.seq_len}: "
                 "sliding-window attention is not supported; set model.sliding_window=null"
             )
+        if self.checkpoint.snapshot_every is not None and self.parallel.shard != "none":
+            raise ConfigError(
+                f"checkpoint.snapshot_every={self.checkpoint.snapshot_every} with parallel.shard={self.parallel.shard}: "
+                "snapshots of sharded states are not built yet; set checkpoint.snapshot_every=null or parallel.shard=none"
+            )
         if self.parallel.shard == "deepspeed":
             check_spec(
                 Zero3Spec(self.optim, self.train.grad_accum, self.data.micro_batch_size, self.train.dtype)

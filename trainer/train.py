@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from longtrain.checkpoint import Checkpointer, SyncCheckpointer, TrainState
+from longtrain.checkpoint.snapshot import SnapshotCheckpointer
 from longtrain.offload import apply_activation_memory
 from longtrain.optim import OptimizerContainer, build_scheduler
 from longtrain.optim import build_optimizer as make_optimizer
@@ -191,9 +192,14 @@ def architecture(model: CausalLM) -> dict[str, Any]:
 
 
 def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding) -> Checkpointer:
-    return SyncCheckpointer(
+    """Disk checkpoints every checkpoint.every steps; with checkpoint.snapshot_every, in-memory
+    snapshots in the snapshot agents between them."""
+    disk = SyncCheckpointer(
         cfg.checkpoint, cfg.output_dir, mesh, architecture(model), sharded=sharding.sharded
     )
+    if cfg.checkpoint.snapshot_every is None:
+        return disk
+    return SnapshotCheckpointer(cfg.checkpoint, cfg.output_dir, mesh, architecture(model), disk)
 
 
 @dataclass
@@ -441,7 +447,8 @@ def prepare(cfg: JobConfig) -> Job:
     restored = checkpointer.load(TrainState(model, optimizer, scheduler, loader))
     start_step = 0 if restored is None else restored.step
     if restored is not None and mesh.is_main:
-        print(f"longtrain: resumed from {restored.path} (step {start_step})", flush=True)
+        where = f"agent memory ({restored.path})" if restored.source == "agent memory" else restored.path
+        print(f"longtrain: resumed from {where} (step {start_step})", flush=True)
     if mesh.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))

@@ -1,0 +1,115 @@
+"""Two ranks (`longtrain train --nproc 2`) with in-memory snapshots: rank 1 killed with SIGKILL
+mid-run (torchrun then stops rank 0), the same command re-run: both ranks reconnect to their
+agents, agree on the newest snapshot both hold, and the losses from there on equal an
+uninterrupted two-rank run's bit for bit, one metrics line per step. Agents gone at the end."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from longtrain.checkpoint.agent import AgentClient, agent_dir
+
+pytestmark = pytest.mark.slow  # three two-rank runs: ~1 min on 2 cores
+
+RUN = [
+    "train.seq_len=64",
+    "data.micro_batch_size=1",
+    "train.grad_accum=1",
+    "logging.progress=false",
+    "logging.peak_flops=1e12",
+    "train.steps=16",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "checkpoint.every=100",
+    "checkpoint.snapshot_every=2",
+]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    yield dirs
+    for out in dirs:
+        directory = agent_dir(str(out), create=False)
+        for rank in (0, 1):
+            client = AgentClient.connect(directory, rank) if directory.exists() else None
+            if client is not None:
+                client.shutdown()
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+            if "longtrain.trainer" in cmdline and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def gone(out, timeout: float = 10.0) -> bool:
+    directory = agent_dir(str(out), create=False)
+    deadline = time.monotonic() + timeout
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not directory.exists()
+
+
+def test_two_ranks_resume_from_agent_memory_after_a_rank_is_killed(outputs, longtrain_cmd):
+    run_a, run_b = outputs
+
+    def command(out):
+        return [*longtrain_cmd, "train", "tiny_cpu", "--nproc", "2", *RUN, f"output_dir={out}"]
+
+    a = subprocess.run(command(run_a), capture_output=True, text=True, timeout=240)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert gone(run_a)
+
+    launcher = subprocess.Popen(command(run_b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while len(read_metrics(run_b)) < 5 and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = rank_process(launcher, 1)
+        assert victim is not None and launcher.poll() is None, "the run ended before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    logged = [r["step"] for r in read_metrics(run_b)]
+    assert 5 <= len(logged) < 16
+
+    b = subprocess.run(command(run_b), capture_output=True, text=True, timeout=240)
+    assert b.returncode == 0, b.stderr[-3000:]
+    resumed = re.findall(r"resumed from agent memory \(.*\) \(step (\d+)\)", b.stdout)
+    assert len(resumed) == 1, b.stdout  # rank 0 says it
+    step = int(resumed[0])
+    assert step % 2 == 0 and max(logged) - 2 <= step <= max(logged), (step, logged)  # <= one interval lost
+
+    rows_a, rows_b = read_metrics(run_a), read_metrics(run_b)
+    assert [r["step"] for r in rows_b] == list(range(1, 17))
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert (ra["step"], ra["loss"], ra["grad_norm"], ra["lr"]) == (
+            rb["step"],
+            rb["loss"],
+            rb["grad_norm"],
+            rb["lr"],
+        )
+    assert gone(run_b)

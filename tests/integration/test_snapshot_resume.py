@@ -1,0 +1,121 @@
+"""Resume from agent memory: a ``longtrain train`` run with checkpoint.snapshot_every, killed with
+SIGKILL in step 7 (after the step-6 snapshot, before any disk checkpoint), re-run with the same
+command: it resumes from the snapshot its agent kept, and metrics.jsonl then reads exactly like an
+uninterrupted run's (one line per step, the same losses bit for bit). The agents are gone at the end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from longtrain.checkpoint.agent import AgentClient, agent_dir
+
+RUN = [
+    "train.seq_len=128",
+    "data.micro_batch_size=2",
+    "train.grad_accum=1",
+    "logging.progress=false",
+    "logging.peak_flops=1e12",
+    "train.steps=10",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "checkpoint.every=100",  # on disk only after the last step
+    "checkpoint.snapshot_every=2",
+]
+
+# The killed run: the CLI, with step 7 replaced by "wait for the step-6 snapshot, then kill -9
+# this process" (a crash mid-step once the snapshot is complete).
+KILLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from longtrain.trainer.cli import main
+    from longtrain.trainer.train import Job
+
+    real_step, calls = Job.train_step, []
+
+    def train_step(self, work):
+        calls.append(1)
+        if len(calls) == 7:
+            self.checkpointer.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, work)
+
+    Job.train_step = train_step
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    """Two output dirs; their agents are stopped at the end whatever happened."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    yield dirs
+    for out in dirs:
+        directory = agent_dir(str(out), create=False)
+        if directory.exists():
+            client = AgentClient.connect(directory, 0)
+            if client is not None:
+                client.shutdown()
+
+
+def agent_gone(out, timeout: float = 10.0) -> bool:
+    directory = agent_dir(str(out), create=False)
+    deadline = time.monotonic() + timeout
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not directory.exists()
+
+
+def test_kill_9_resumes_from_agent_memory_bit_exact(outputs, longtrain_cmd):
+    run_a, run_b = outputs
+
+    def command(out):
+        return [*longtrain_cmd, "train", "tiny_cpu", *RUN, f"output_dir={out}"]
+
+    a = subprocess.run(command(run_a), capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert agent_gone(run_a)  # a finished run stops its agent
+
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED, *command(run_b)[len(longtrain_cmd) :]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_b)] == list(range(1, 7))
+    assert not (run_b / "checkpoints").exists() or not any((run_b / "checkpoints").iterdir())
+    assert agent_dir(str(run_b), create=False).exists()  # its agent outlived it
+
+    b = subprocess.run(command(run_b), capture_output=True, text=True, timeout=120)
+    assert b.returncode == 0, b.stderr[-3000:]
+    resumed = [line for line in b.stdout.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and "resumed from agent memory" in resumed[0], b.stdout
+    assert resumed[0].endswith("(step 6)"), resumed
+
+    rows_a, rows_b = read_metrics(run_a), read_metrics(run_b)
+    assert [r["step"] for r in rows_b] == list(range(1, 11))  # one line per step across the kill
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert (ra["step"], ra["loss"], ra["grad_norm"], ra["lr"]) == (
+            rb["step"],
+            rb["loss"],
+            rb["grad_norm"],
+            rb["lr"],
+        )
+    final_a = load_file(run_a / "checkpoints" / "step-000010" / "model.safetensors")
+    final_b = load_file(run_b / "checkpoints" / "step-000010" / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(final_a[k].equal(final_b[k]) for k in final_a)
+    assert agent_gone(run_b)  # the re-run's last step stopped the agent: no process, no /dev/shm files
