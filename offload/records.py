@@ -142,6 +142,7 @@ class LayerRecord:
     prefetched: bool = False
     rebuilt: bool = False  # whole tensors fetched (at the layer's first unpack)
     rows_rebuilt: bool = False  # row slots reassembled (at the first unpack of one)
+    x_rereads: int = 0  # backward: times the layer input was read again after its eviction
 
 
 def step_stats(
@@ -161,6 +162,7 @@ def step_stats(
         per_layer[f"layer{i}_alpha"] = alphas[i]
         per_layer[f"layer{i}_recomputed_rows"] = t - rec.a
         per_layer[f"layer{i}_tile_rows"] = rec.tile_rows
+        per_layer[f"layer{i}_input_rereads"] = 0  # the backward counts them (stats())
         cuts.add((alphas[i], rec.a))
     stats: dict[str, Any] = {
         **totals,

@@ -140,8 +140,9 @@ class TokenwiseExecutor:
 
     def stats(self) -> dict[str, float]:
         """Statistics of the last step (logged to metrics.jsonl by the trainer): totals, then
-        ``layer{i}_{tier}_bytes``, ``layer{i}_alpha`` and ``layer{i}_recomputed_rows`` for every
-        tokenwise layer i."""
+        ``layer{i}_{tier}_bytes``, ``layer{i}_alpha``, ``layer{i}_recomputed_rows`` and
+        ``layer{i}_input_rereads`` (reads of the layer input evicted during the attention backward)
+        for every tokenwise layer i."""
         copy_s = sum(e.timer.copy_s for e in self.engines.values())
         exposed_s = sum(e.timer.exposed_s for e in self.engines.values())
         stats: dict[str, float] = {
@@ -155,6 +156,8 @@ class TokenwiseExecutor:
             "heap_trims": self.trim_heap.calls,
             "heap_trim_s": self.trim_heap.seconds,
         }
+        for i, rec in self.records.items():  # counted during the backward
+            stats[f"layer{i}_input_rereads"] = rec.x_rereads
         if self.plan.link_gbps is not None:
             stats["link_emulated_gbps"] = self.plan.link_gbps
         return stats
@@ -474,10 +477,9 @@ class TokenwiseExecutor:
         if slot.kind == "keep":
             value = slot.tensor
         elif slot.kind == "whole":
-            value = rec.wholes[slot.whole].value
+            value = self._whole_value(rec, slot.whole)
         elif slot.kind == "view":
-            base = rec.wholes[slot.whole].value
-            assert base is not None  # fetched by _rebuild
+            base = self._whole_value(rec, slot.whole)
             # as_strided offsets count from the storage start; a fetched base may sit at an offset in its
             # storage (an aligned file-tier read)
             value = base.as_strided(slot.size, slot.stride, base.storage_offset() + slot.offset)
@@ -568,6 +570,33 @@ class TokenwiseExecutor:
             self._device_add(nbytes_of(full))
             rec.full_rows.append(full)
         rec.rows_rebuilt = True
+        self._evict_input(rec)
+
+    def _evict_input(self, rec: LayerRecord) -> None:
+        """The rows are rebuilt: nothing but the pre-attention backward reads the layer input again,
+        and between now and then runs the attention backward, the layer's peak (q, k, v, out, dout
+        and the kernel's gradients live at once). Drop the input until then; ``_whole_value`` reads
+        it back from the tier at its next use (one [t, hidden] read per layer)."""
+        whole = rec.wholes[rec.x_whole]
+        if whole.value is None or rec.pending_refs == 0:
+            return
+        if rec.engine.store.tier == "host" and rec.engine.device.type == "cpu":
+            return  # read in place from the host tier: dropping the view would free nothing
+        n = nbytes_of(whole.value)
+        whole.value = None
+        rec.resident_bytes -= n
+        self._device_sub(n)
+
+    def _whole_value(self, rec: LayerRecord, idx: int) -> Tensor:
+        """A whole tensor's fetched value; an evicted one (the layer input) is read back now."""
+        whole = rec.wholes[idx]
+        if whole.value is None:
+            whole.value = rec.engine.wait(rec.engine.fetch(whole.key))
+            assert whole.value is not None
+            rec.x_rereads += 1
+            rec.resident_bytes += nbytes_of(whole.value)
+            self._device_add(nbytes_of(whole.value))
+        return whole.value
 
     def _capture(
         self,
@@ -602,8 +631,8 @@ class TokenwiseExecutor:
         """Rows [start, t) of the layer input and the attention output as a rerun's inputs, and the
         storages a rerun's capture skips (theirs and the RoPE tables')."""
         ctx = self._ctx
-        x_whole, out_whole = rec.wholes[rec.x_whole].value, rec.wholes[rec.out_whole].value
-        assert ctx is not None and x_whole is not None and out_whole is not None  # set by __call__, _rebuild
+        x_whole, out_whole = self._whole_value(rec, rec.x_whole), self._whole_value(rec, rec.out_whole)
+        assert ctx is not None  # set by __call__
         shared = {storage_key(t) for t in (ctx.cos_td, ctx.sin_td, x_whole, out_whole)}
         x_in = x_whole[start:].detach().requires_grad_(rec.wholes[rec.x_whole].requires_grad)
         o_in = out_whole[start:].detach().requires_grad_(rec.wholes[rec.out_whole].requires_grad)
@@ -705,6 +734,10 @@ class TokenwiseExecutor:
         """Finish pending copies, stop the copy threads, delete the file tier's file."""
         for index in list(self.records):
             self._wait_offloads(index)
+        self._stats = {
+            **self._stats,
+            **{k: v for k, v in self.stats().items() if k.endswith("_input_rereads")},
+        }
         self.records.clear()
         for engine in self.engines.values():
             engine.close()

@@ -27,6 +27,7 @@ from longtrain.offload import (
 )
 from longtrain.offload.memory import DeviceBytesCounter
 from longtrain.offload.tiles import AUTO_MIN_ROWS, resolve_tile_rows, tile_bounds
+from longtrain.offload.tokenwise import TokenwiseExecutor
 
 VOCAB = 101
 RTOL = 1e-10
@@ -251,6 +252,26 @@ def test_transient_peak_scales_with_tile_rows_not_seq(mode):
     assert tiled[0] < 0.2 * untiled[0], (tiled, untiled)
     tile_x_ffn = (256 - 64) * 2048 * 4 / 2**20  # 1.5 MiB per tensor of 192 more rows
     assert 2 * tile_x_ffn < bigger_tile - tiled[0] < 12 * tile_x_ffn, (bigger_tile, tiled[0])
+
+
+def test_layer_input_leaves_during_the_attention_backward(tmp_path, monkeypatch):
+    """Once q, k, v are rebuilt, only the pre-attention backward reads the layer input again: the
+    file tier drops it for the attention backward (the layer's peak) and reads it back once, which
+    lowers the peak by exactly one [t, hidden] tensor; the host tier, read in place on a CPU
+    device, keeps it (dropping the view would free nothing)."""
+    t, hidden = 1024, 128
+    model = tiny_adapted_model("llama", torch.float32, layers=2, hidden=hidden, ffn=2 * hidden, vocab=VOCAB)
+    file_cfg = {"mode": "tokenwise", "alpha": 0.0, "keep_last": 0, "tile_rows": 64}
+    file_cfg |= {"tier": "file", "file_dir": str(tmp_path)}
+    evicted = peak_mib(model, t, file_cfg)
+    file_stats = activation_stats(model)
+    host_stats = run(model, {**file_cfg, "tier": "host"}, ids_and_positions(1, 256)[0])[2]
+    monkeypatch.setattr(TokenwiseExecutor, "_evict_input", lambda self, rec: None)
+    kept = peak_mib(model, t, file_cfg)
+    x_mib = t * hidden * 4 / 2**20
+    assert abs((kept - evicted) - x_mib) < 0.05 * x_mib, (kept, evicted, x_mib)
+    assert [file_stats[f"layer{i}_input_rereads"] for i in (0, 1)] == [1, 1]
+    assert [host_stats[f"layer{i}_input_rereads"] for i in (0, 1)] == [0, 0]
 
 
 # ------------------------------------------------------------------------------------ bad input

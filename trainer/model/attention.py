@@ -183,8 +183,9 @@ def cpu_flash_backward(
     for heads, kv_heads, g in groups:
         dq_g, dk_g, dv_g = kernel(heads, kv_heads, g)
         dq[:, heads] = _tnd(dq_g)
-        dk[:, kv_heads] = _tnd(dk_g).sum(dim=1, keepdim=True)  # [t, g, d] -> [t, 1, d]
-        dv[:, kv_heads] = _tnd(dv_g).sum(dim=1, keepdim=True)
+        # [t, g, d] -> [t, 1, d], summed straight into the group's head of dk / dv (no temporary)
+        torch.sum(_tnd(dk_g), dim=1, keepdim=True, out=dk[:, kv_heads])
+        torch.sum(_tnd(dv_g), dim=1, keepdim=True, out=dv[:, kv_heads])
         del dq_g, dk_g, dv_g  # before the next group's kernel allocates its own
     return dq, dk, dv
 
