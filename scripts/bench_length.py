@@ -637,6 +637,47 @@ def slopes_report(slopes: dict, args) -> dict:
     return {**result, "verdicts": verdicts, "detail": detail}
 
 
+def sweep_table(sweep_r: dict, args) -> None:
+    print(
+        f"\n### Emulated link {args.link['link_gbps']} GB/s ({'calibrated' if args.link['calibrated'] else 'given'}),"
+        f" {args.sweep_len} tokens, host tier\n"
+    )
+    table_header(["alpha", "step s", "per step", "copy exposed s", "recomputed rows"])
+    for s, r in sweep_r["per_alpha"].items():
+        a = r["activation"]
+        print(
+            f"| {s.removeprefix('sweep_')}{' = ' + format(a.get('layer0_alpha', 0), '.3f') if s == 'sweep_auto' else ''} "
+            f"| {r['step_s']:.2f} | {r['steps_s']} | {a.get('copy_exposed_s', 0):.2f} | {a.get('recomputed_rows', 0)} |"
+        )
+    if sweep_r["ends_fastest"]:
+        print(
+            f"NOTE: {sweep_r['best']} is the fastest sweep point: the link does not give an interior optimum"
+        )
+
+
+def sweep_report(sweep_r: dict, args) -> dict:
+    """``--sweep-only``: auto_vs_best_alpha alone; the other keys are null ("not run")."""
+    sweep_table(sweep_r, args)
+    result: dict[str, Any] = {k: None for k in TARGETS}
+    result["auto_vs_best_alpha"] = sweep_r["auto_vs_best_of_medians"]
+    verdicts = {k: "not run" for k in TARGETS}
+    verdicts["auto_vs_best_alpha"] = sweep_r["paired"]["verdict"]
+    detail = {
+        "parts": "sweep only",
+        "tile_rows": args.tile_rows,
+        "allocator": args.allocator,
+        "model": args.spec,
+        "link": args.link,
+        "sweep_len": args.sweep_len,
+        "sweep_steps": args.sweep_steps,
+        "sweep": sweep_r,
+        "loadavg_start": args.loadavg_start,
+        "loadavg_end": list(os.getloadavg()),
+        "code": args.code_start,
+    }
+    return {**result, "verdicts": verdicts, "detail": detail}
+
+
 def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dict:
     slope_table(slopes, args)
     mem_ratio = slopes["ours_memory"]["slope"] / slopes["alst"]["slope"]
@@ -664,21 +705,7 @@ def report(slopes: dict, search: dict, timing: dict, sweep_r: dict, args) -> dic
         )
     time_r = paired(timing["ours_memory"]["steps_s"], timing["alst"]["steps_s"], TARGETS["time_vs_alst"][1])
 
-    print(
-        f"\n### Emulated link {args.link['link_gbps']} GB/s ({'calibrated' if args.link['calibrated'] else 'given'}),"
-        f" {args.sweep_len} tokens, host tier\n"
-    )
-    table_header(["alpha", "step s", "per step", "copy exposed s", "recomputed rows"])
-    for s, r in sweep_r["per_alpha"].items():
-        a = r["activation"]
-        print(
-            f"| {s.removeprefix('sweep_')}{' = ' + format(a.get('layer0_alpha', 0), '.3f') if s == 'sweep_auto' else ''} "
-            f"| {r['step_s']:.2f} | {r['steps_s']} | {a.get('copy_exposed_s', 0):.2f} | {a.get('recomputed_rows', 0)} |"
-        )
-    if sweep_r["ends_fastest"]:
-        print(
-            f"NOTE: {sweep_r['best']} is the fastest sweep point: the link does not give an interior optimum"
-        )
+    sweep_table(sweep_r, args)
 
     result = {
         "max_len_vs_alst": vs_alst["value"],
@@ -785,6 +812,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure only the peak-RSS growth per token (load-independent; no search, timing or sweep)",
     )
     parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="run only the emulated-link alpha sweep (auto_vs_best_alpha)",
+    )
+    parser.add_argument(
         "--allocator",
         choices=("fixed", "trim"),
         default="fixed",
@@ -801,6 +833,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--{key.replace('_', '-')}", type=int, default=None, help=f"model {key} override"
         )
     args = parser.parse_args(argv)
+    if args.slopes_only and args.sweep_only:
+        parser.error("--slopes-only and --sweep-only each run one part: pass one of them")
     q = args.quick
     args.spec = {k: getattr(args, k) or v for k, v in (QUICK_MODEL if q else FULL_MODEL).items()}
     args.spec_search = {**args.spec, "layers": args.search_layers or args.spec["layers"]}
@@ -860,6 +894,10 @@ def main() -> None:
             print(f"emulated link: {args.link_gbps}", flush=True)
             args.link = pick_link_gbps(args)
             print(f"  {args.link['link_gbps']} GB/s", flush=True)
+            if args.sweep_only:
+                print(f"alpha sweep, {args.sweep_len} tokens ({args.sweep_steps} rounds)", flush=True)
+                print_result(sweep_report(sweep(args), args), args, t_start, "bench_length.py")
+                return
             print(f"peak-RSS growth per token at {args.slope_lengths}", flush=True)
             slopes = measure_slopes(args)
             search: dict[str, dict] = {}
