@@ -10,6 +10,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 SHARDING = ("none", "fsdp", "deepspeed")
 MODES = ("dp", "cp", "hdp")
 CP_IMPLS = ("ring", "ulysses")
+HDP_COSTS = ("profile", "default")
 
 
 @dataclass
@@ -27,6 +28,11 @@ class ParallelConfig:
     hdp_balance: mode hdp: plan each step with the balance scheduler (true: rings sized and placed,
         short documents filling the waits, for an even per-rank busy time) or naive HDP (false:
         best-fit packs and minimal rings in data order, ranks round robin; for comparisons).
+    hdp_cost: mode hdp: the cost model the scheduler balances with: profile (fitted at start-up from
+        timed forward + backward passes of this model on five synthetic packs up to the token
+        capacity, averaged over the ranks; kept in output_dir/hdp_cost.json and read back by a
+        re-run of the same job, so a resume plans as the first run did) | default (ByteScale's
+        published ratios for a 7B model on GPUs; for simulations and comparisons).
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
         all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3, over
@@ -41,6 +47,7 @@ class ParallelConfig:
     cp_impl: str = option("ring", choices=CP_IMPLS)
     token_capacity: int | None = option(None, min=1)
     hdp_balance: bool = True
+    hdp_cost: str = option("profile", choices=HDP_COSTS)
     backend: str = option("auto", choices=BACKENDS)
     shard: str = option("none", choices=SHARDING)
 
@@ -64,6 +71,11 @@ class ParallelConfig:
             raise ConfigError(
                 "parallel.hdp_balance=false applies to parallel.mode=hdp only; set parallel.mode=hdp or "
                 "parallel.hdp_balance=true"
+            )
+        if self.hdp_cost != "profile" and self.mode != "hdp":
+            raise ConfigError(
+                f"parallel.hdp_cost={self.hdp_cost} applies to parallel.mode=hdp only; set parallel.mode=hdp or "
+                "parallel.hdp_cost=profile"
             )
         if self.mode != "dp" and self.shard == "deepspeed":
             raise ConfigError(

@@ -69,3 +69,12 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[int], float]], comm: float =
             break
         active.pop(int(np.argmin(sol)))
     return CostModel(attn=float(coef[0]), linear=float(coef[1]), fixed=float(coef[2]), comm=comm)
+
+
+def profile_packs(capacity: int) -> list[list[int]]:
+    """Document lengths of the packs ``profile_cost_model`` times, within ``capacity`` tokens: one
+    document of the whole capacity, of a half and of a quarter, and packs of halves and quarters
+    filling it (equal totals with different sums of squares separate attention from the row-wise
+    work; different totals separate the row-wise work from the per-micro-batch constant)."""
+    half, quarter = max(capacity // 2, 1), max(capacity // 4, 1)
+    return [[capacity], [half, half], [quarter] * 4, [half], [quarter]]

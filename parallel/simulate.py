@@ -13,6 +13,7 @@ the cost model, so ratios are what to read, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -194,8 +195,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--comm", type=float, default=DEFAULT_COST.comm, help="seconds per token per ring hop"
     )
+    parser.add_argument(
+        "--cost",
+        help="a job's fitted cost model (output_dir/hdp_cost.json of parallel.hdp_cost=profile) instead of "
+        "the default; --comm still sets the ring hop",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--png", help="plot per-rank timelines to this PNG")
+
+
+def read_cost_file(path: Path) -> CostModel:
+    """The ``cost`` object of an ``hdp_cost.json`` (trainer/batches.py ``hdp_cost_model``)."""
+    if not path.is_file():
+        raise ConfigError(f"--cost {path}: no such file")
+    try:
+        fields = json.loads(path.read_text())["cost"]
+        return CostModel(**{k: float(fields[k]) for k in ("attn", "linear", "fixed", "comm")})
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f'--cost {path}: not an hdp_cost.json (wants {{"cost": {{"attn", "linear", "fixed", "comm"}}}}): {e!r}'
+        ) from None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -214,6 +233,8 @@ def run(args: argparse.Namespace) -> dict:
             n = max(1024, math.ceil(args.ranks * parse_tokens(args.tokens_per_rank) / mean))
         lengths = heavy_tailed_lengths(n, context, args.seed)
     cost = CostModel(DEFAULT_COST.attn, DEFAULT_COST.linear, DEFAULT_COST.fixed, args.comm)
+    if args.cost:
+        cost = dataclasses.replace(read_cost_file(Path(args.cost)), comm=args.comm)
     result = simulate(lengths, args.ranks, context, capacity, cost)
     if args.png:
         result["png"] = plot_timelines(result, args.png)

@@ -15,16 +15,23 @@ every rank knows it without a collective, the step's global loss-token count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from longtrain.offload.tokenwise import TokenwiseExecutor
-from longtrain.parallel import Mesh
+from longtrain.parallel import Mesh, all_reduce_sums, broadcast_object
+from longtrain.parallel.cost_model import fit_cost_model, profile_packs
 from longtrain.parallel.hdp import DEFAULT_COST, CostModel, HdpPlan, plan_hdp, ring_size
 from longtrain.parallel.shards import DocStream, Shard, pack_shard, ring_shard, ulysses_shard
 from longtrain.parallel.ulysses import check_ulysses
-from longtrain.trainer.data import MicroBatch, PackedLoader
+from longtrain.trainer.data import IGNORE_INDEX, MicroBatch, PackedLoader
 from longtrain.trainer.model.adapter import CausalLM, shift_labels
 
 from .config import ConfigError, JobConfig
@@ -119,6 +126,88 @@ class StepBatches:
             "planned_imbalance": plan.imbalance,
         }
         return StepWork(work, num_tokens=stream.num_loss_tokens, stats=stats)
+
+
+HDP_COST_FILE = "hdp_cost.json"
+
+
+def hdp_cost_model(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> tuple[CostModel, str]:
+    """Mode hdp's cost model and where it came from (``parallel.hdp_cost``).
+
+    ``profile``: every rank times one forward + backward of this model on each pack of
+    ``profile_packs(token capacity)`` (random tokens, the model's own attention core; the fastest of
+    two passes after a warm-up; gradients dropped after), the times are averaged over the ranks
+    (every rank then plans alike) and ``fit_cost_model`` fits attention ~ s^2, row-wise work ~ s and
+    a per-micro-batch constant. The ring hop's cost is not profiled (``DEFAULT_COST.comm``). The fit
+    is kept in ``output_dir/hdp_cost.json`` with what it was measured for (model, capacity, dtype,
+    device, activation settings); a re-run of the same job (a resume) reads it back, so its plans
+    are the first run's."""
+    if cfg.parallel.hdp_cost == "default":
+        return DEFAULT_COST, "default"
+    capacity = token_capacity(cfg)
+    key = {
+        "model": dataclasses.asdict(cfg.model),
+        "activation": dataclasses.asdict(cfg.activation),
+        "capacity": capacity,
+        "dtype": cfg.train.dtype,
+        "device": mesh.device.type,
+    }
+    path = Path(cfg.output_dir) / HDP_COST_FILE
+    kept = None
+    if mesh.is_main and path.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            saved = json.loads(path.read_text())
+            if saved["for"] == json.loads(json.dumps(key)):
+                kept = saved["cost"]
+    kept = broadcast_object(kept, mesh)
+    if kept is not None:
+        return CostModel(**kept), str(path)
+    packs = profile_packs(capacity)
+    times = [_time_pack(cfg, mesh, model, lengths) for lengths in [packs[0], *packs]][1:]  # first: warm-up
+    mean = [t / mesh.world_size for t in all_reduce_sums(times, mesh)]
+    cost = fit_cost_model(list(zip(packs, mean, strict=True)), comm=DEFAULT_COST.comm)
+    if mesh.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "for": key,
+            "cost": dataclasses.asdict(cost),
+            "samples": [[p, t] for p, t in zip(packs, mean, strict=True)],
+        }
+        path.write_text(json.dumps(record, indent=1))
+    return cost, "profiled"
+
+
+def _time_pack(cfg: JobConfig, mesh: Mesh, model: CausalLM, lengths: Sequence[int], runs: int = 2) -> float:
+    """Seconds of one forward + backward of ``model`` on a pack of random documents ``lengths``
+    (the fastest of ``runs``); the gradients are dropped after."""
+    gen = torch.Generator().manual_seed(len(lengths))  # not the training RNG: a resume replays it
+    t = sum(lengths)
+    ids = torch.randint(0, model.config.vocab_size, (t,), generator=gen)
+    targets = torch.roll(ids, -1)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+        targets[cu[-1] - 1] = IGNORE_INDEX
+    stream = DocStream(ids, targets, tuple(cu))
+    shard = pack_shard(stream).to(mesh.device)
+    bf16 = cfg.train.dtype == "bfloat16"
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        with torch.autocast(mesh.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model(
+                input_ids=shard.input_ids,
+                targets=shard.targets,
+                position_ids=shard.position_ids,
+                doc_spans=shard.doc_spans,
+                loss_normalizer=max(shard.num_loss_tokens, 1),
+            )
+        out.loss.backward()
+        if mesh.device.type == "cuda":
+            torch.cuda.synchronize(mesh.device)
+        best = min(best, time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return best
 
 
 def token_capacity(cfg: JobConfig) -> int:

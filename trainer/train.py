@@ -49,7 +49,15 @@ from longtrain.trainer.data import (
     train_loader,
 )
 
-from .batches import StepBatches, StepWork, Work, check_layout, hdp_rows_per_step, probe_with_local_core
+from .batches import (
+    StepBatches,
+    StepWork,
+    Work,
+    check_layout,
+    hdp_cost_model,
+    hdp_rows_per_step,
+    probe_with_local_core,
+)
 from .compose import to_yaml
 from .config import ConfigError, JobConfig
 from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, peak_memory_bytes
@@ -440,6 +448,15 @@ def prepare(cfg: JobConfig) -> Job:
     if cfg.parallel.mode != "dp":
         probe_with_local_core(model)
     batches = StepBatches(cfg, mesh, loader, model)
+    if cfg.parallel.mode == "hdp":
+        batches.cost, source = hdp_cost_model(cfg, mesh, model)
+        if mesh.is_main:
+            c = batches.cost
+            print(
+                f"longtrain: hdp cost model ({source}): attention {c.attn:.3g} s/token^2, rows {c.linear:.3g} "
+                f"s/token, {c.fixed:.3g} s per micro-batch, ring hop {c.comm:.3g} s/token (not profiled)",
+                flush=True,
+            )
     zero3 = Zero3Spec(cfg.optim, cfg.train.grad_accum, cfg.data.micro_batch_size, cfg.train.dtype)
     sharding = apply_sharding(cfg.parallel, model, mesh, zero3)
     optimizer, scheduler = build_optimizer(cfg, mesh, model, sharding)

@@ -139,3 +139,45 @@ def test_hdp_global_batch_larger_than_the_data_is_one_line():
     )
     with pytest.raises(ConfigError, match=r"fewer than the 128 of one step \(train.global_batch_tokens"):
         build_data(cfg, _mesh(0, 1))
+
+
+def test_hdp_cost_is_profiled_once_per_job_and_read_back(tmp_path, monkeypatch):
+    """parallel.hdp_cost=profile times this model on five packs, fits attention ~ s^2, rows ~ s and a
+    per-micro-batch constant, and keeps the fit in output_dir; a re-run of the job reads it back
+    (no timing), a changed capacity profiles again, and the fit recovers known coefficients."""
+    from tiny import tiny_adapted_model
+
+    from longtrain.parallel.cost_model import CostModel, profile_packs
+    from longtrain.trainer import batches
+
+    common = ["parallel.mode=hdp", "train.seq_len=128", f"output_dir={tmp_path}"]
+    cfg = compose("tiny_cpu", common)
+    model = tiny_adapted_model("llama", torch.float32, layers=2, vocab=101)
+    mesh = _mesh(0, 1)
+    cost, source = batches.hdp_cost_model(cfg, mesh, model)  # type: ignore[arg-type]
+    assert source == "profiled" and (tmp_path / batches.HDP_COST_FILE).is_file()
+    assert min(cost.attn, cost.linear, cost.fixed) >= 0 and cost.attn + cost.linear > 0, cost
+    assert all(p.grad is None for p in model.parameters()), "the profile's gradients are dropped"
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a kept fit must be read back, not profiled again")
+
+    monkeypatch.setattr(batches, "_time_pack", no_timing)
+    again, source = batches.hdp_cost_model(cfg, mesh, model)  # type: ignore[arg-type]
+    assert again == cost and source == str(tmp_path / batches.HDP_COST_FILE)
+
+    truth = CostModel(attn=3e-9, linear=2e-6, fixed=4e-3)
+    monkeypatch.setattr(batches, "_time_pack", lambda cfg, mesh, model, lengths: truth.job_time(lengths))
+    other = compose("tiny_cpu", [*common, "parallel.token_capacity=96"])
+    fitted, source = batches.hdp_cost_model(other, mesh, model)  # type: ignore[arg-type]
+    assert source == "profiled" and len(profile_packs(96)) == 5
+    for got, want in ((fitted.attn, truth.attn), (fitted.linear, truth.linear), (fitted.fixed, truth.fixed)):
+        assert abs(got - want) <= 1e-6 * want, (fitted, truth)
+
+    default = compose("tiny_cpu", [*common, "parallel.hdp_cost=default"])
+    assert batches.hdp_cost_model(default, mesh, model) == (DEFAULT_COST, "default")  # type: ignore[arg-type]
+
+
+def test_hdp_cost_outside_hdp_names_the_key():
+    with pytest.raises(ConfigError, match=r"parallel\.hdp_cost=default applies to parallel\.mode=hdp only"):
+        compose("tiny_cpu", ["parallel.hdp_cost=default"])

@@ -115,3 +115,27 @@ def test_longtrain_simulate_prints_the_issue_keys(tmp_path, capsys):
         assert out[key] > 0, key
     assert main(["simulate", "--ranks", "4", "--lengths", str(tmp_path / "missing.json")]) == 2
     assert "longtrain: error: --lengths" in capsys.readouterr().err
+
+
+def test_simulate_with_a_jobs_fitted_cost_model(tmp_path, capsys):
+    """--cost reads a job's hdp_cost.json: a cost model whose attention is 100x cheaper makes the
+    static mesh's padding to the context cheaper relative to the balanced plan, so the simulated
+    speed-ups differ; a file that is not one is refused naming the option."""
+    from longtrain.parallel.cost_model import DEFAULT_COST
+    from longtrain.trainer.cli import main
+
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps(heavy_tailed_lengths(300, 65536, seed=1)))
+    cost = tmp_path / "hdp_cost.json"
+    fields = {"attn": DEFAULT_COST.attn / 100, "linear": DEFAULT_COST.linear, "fixed": 0.0, "comm": 0.0}
+    cost.write_text(json.dumps({"for": {}, "cost": fields}))
+    base = ["simulate", "--ranks", "16", "--context", "64K", "--lengths", str(lengths), "--json"]
+    results = []
+    for extra in ([], ["--cost", str(cost)]):
+        assert main([*base, *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    ratio = [r["balanced_hdp_tokens_per_s"] / r["static_tokens_per_s"] for r in results]
+    assert ratio[0] != pytest.approx(ratio[1], rel=1e-3), ratio
+    cost.write_text(json.dumps({"attn": 1.0}))
+    assert main([*base, "--cost", str(cost)]) == 2
+    assert "--cost" in capsys.readouterr().err
