@@ -500,7 +500,7 @@ def run_probe(job: dict, args) -> dict:
 
 def measure_slopes(args) -> dict:
     out = {}
-    for system in SLOPE_SYSTEMS:
+    for system in args.slope_systems:
         points = []
         for n in args.slope_lengths:
             r = run_probe(_job(system, n, args), args)
@@ -790,6 +790,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="layers of the length-search model (default: the model's)",
     )
     parser.add_argument("--slope-lengths", type=_ints, default=None, help="comma-separated, >= 3 lengths")
+    parser.add_argument(
+        "--slope-systems",
+        default=",".join(SLOPE_SYSTEMS),
+        help="comma-separated systems of the slopes (alst and ours_memory always; e.g. leave out ours_auto, "
+        "whose host tier holds every activation, at lengths where that would not fit in RAM)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="length-search resolution (default 512)")
     parser.add_argument("--search-start", type=int, default=None, help="first length of the doubling")
     parser.add_argument(
@@ -845,6 +851,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.slope_lengths[0] < args.loss_chunk_rows:  # below it the loss's chunk grows with the length
         parser.error(
             f"--slope-lengths must be >= --loss-chunk-rows ({args.loss_chunk_rows}), got {args.slope_lengths}"
+        )
+    args.slope_systems = [x for x in args.slope_systems.split(",") if x]
+    if not {"alst", "ours_memory"} <= set(args.slope_systems) or not set(args.slope_systems) <= set(
+        SLOPE_SYSTEMS
+    ):
+        parser.error(
+            f"--slope-systems must include alst and ours_memory and name only {', '.join(SLOPE_SYSTEMS)}, "
+            f"got {args.slope_systems}"
         )
     args.resolution = args.resolution or 512
     args.search_start = args.search_start or 1024
