@@ -321,10 +321,11 @@ class SyncCheckpointer:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _fsync(self.root)  # make the rename itself durable
-        self._prune()
+        self.prune()
         return final
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Delete the oldest complete checkpoints beyond checkpoint.keep."""
         if self.cfg.keep > 0:
             for old in list_complete(self.root)[: -self.cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -348,8 +349,15 @@ class SyncCheckpointer:
         return path
 
     def read(self, path: Path, model: nn.Module, optimizer, scheduler) -> Restored:
-        load_weights(path, model, self.model_config, sharded=self.sharded)
         state = json.loads((path / "trainer_state.json").read_text())
+        if "deepspeed_world_size" in state:  # parallel/zero3.py EngineCheckpointer
+            world = state["deepspeed_world_size"]
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds DeepSpeed optimizer partitions (written by parallel.shard=deepspeed "
+                f"on {world} ranks): resume it with parallel.shard=deepspeed --nproc {world}, or use a new "
+                "output_dir or checkpoint.resume=never"
+            )
+        load_weights(path, model, self.model_config, sharded=self.sharded)
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])

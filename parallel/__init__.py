@@ -9,9 +9,11 @@ satisfy the adapter's interface, injected by the trainer.
 from .config import ParallelConfig
 from .mesh import Mesh, all_reduce_sum, all_reduce_sums, broadcast_object, init_mesh, shutdown, sync_gradients
 from .sharding import GradientSync, Sharding, apply_sharding
-from .zero3 import Zero3Spec
+from .zero3 import EngineCheckpointer, EngineOptimizer, Zero3Spec
 
 __all__ = [
+    "EngineCheckpointer",
+    "EngineOptimizer",
     "GradientSync",
     "Mesh",
     "ParallelConfig",

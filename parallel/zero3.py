@@ -40,6 +40,8 @@ state bytes compare with ``parallel.shard=fsdp``.
 
 from __future__ import annotations
 
+import json
+import shutil
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -244,7 +246,122 @@ class EngineOptimizer(torch.optim.Optimizer):
         return {f"optim_{t}_bytes": state if t == tier else 0 for t in ("device", "dram", "cxl", "nvme")}
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("parallel.shard=deepspeed does not save checkpoints yet")
+        raise NotImplementedError(
+            "the engine's optimizer state lives in DeepSpeed's partitions: EngineCheckpointer saves it with "
+            "engine.save_checkpoint"
+        )
 
     def close(self) -> None:
         """Nothing to release (DeepSpeed's swap files stay under optim.nvme_dir)."""
+
+
+ENGINE_DIR = "deepspeed"  # the engine's own files inside a checkpoint directory
+
+
+class EngineCheckpointer:
+    """Disk checkpoints of a ZeRO-3 engine (``parallel.shard=deepspeed``), a ``Checkpointer``.
+
+    A ``step-N`` directory holds what longtrain's disk checkpoints hold, in the same format:
+    ``model.safetensors`` (every parameter gathered from its partitions, HF names: ``longtrain
+    export`` and ``model.path``-style reuse read it on any world size), ``trainer_state.json``
+    (step, data position, RNG, architecture), ``optimizer.pt`` (the LR scheduler), and the
+    manifest with every file's size and checksum, written last before an atomic rename. The
+    optimizer state stays in DeepSpeed's own partitioned files under ``deepspeed/``
+    (``engine.save_checkpoint``; read back by ``engine.load_checkpoint``, which unpickles them:
+    only files whose checksums the manifest vouches for are read). Those partitions resume on the
+    number of ranks that wrote them only; another world size is refused naming both."""
+
+    def __init__(self, disk: Any, engine: Any, mesh: Mesh):
+        """``disk``: the run's ``SyncCheckpointer`` (its config, directory, manifest rules)."""
+        self.disk, self.engine, self.mesh = disk, engine, mesh
+
+    def should_save(self, step: int, total_steps: int) -> bool:
+        return bool(self.disk.should_save(step, total_steps))
+
+    def save(self, step: int, state: Any) -> None:
+        import deepspeed
+        from safetensors.torch import save_file
+
+        from longtrain.checkpoint.sync import CHECKSUM, MANIFEST, _fsync, _step_dir, _unshared, file_checksum
+
+        final = _step_dir(self.disk.root, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.mesh.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        torch.distributed.barrier()
+        full: dict[str, Tensor] = {}
+        for name, p in state.model.named_parameters():  # one parameter gathered at a time
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.mesh.is_main:
+                    full[name] = p.detach().cpu().clone()
+        self.engine.save_checkpoint(str(tmp), tag=ENGINE_DIR, client_state={}, save_latest=False)
+        torch.distributed.barrier()  # every rank's partition files are written
+        if self.mesh.is_main:
+            save_file(_unshared(full), str(tmp / "model.safetensors"))
+            torch.save({"scheduler": state.scheduler.state_dict()}, tmp / "optimizer.pt")
+            trainer_state = {
+                "step": step,
+                "data": state.data.state_dict(),
+                "rng_cpu": torch.get_rng_state().tolist(),
+                "model_config": self.disk.model_config,
+                "deepspeed_world_size": self.mesh.world_size,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            for name in files:
+                _fsync(tmp / name)
+            checksums = {name: file_checksum(tmp / name) for name in files}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, CHECKSUM: checksums}))
+            _fsync(tmp / MANIFEST)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            _fsync(self.disk.root)
+            self.disk.prune()
+        torch.distributed.barrier()
+
+    def wait(self) -> None:
+        """Nothing to wait for: ``save`` returns after the files are written."""
+
+    def load(self, state: Any) -> Any:
+        from longtrain.checkpoint.protocol import Restored
+        from longtrain.checkpoint.sync import CheckpointError
+
+        path = self.disk.agreed_resume()
+        if path is None:
+            return None
+        saved = json.loads((path / "trainer_state.json").read_text())
+        if saved.get("model_config") != self.disk.model_config:
+            changed = sorted(
+                k
+                for k in set(saved.get("model_config", {})) | set(self.disk.model_config)
+                if saved.get("model_config", {}).get(k) != self.disk.model_config.get(k)
+            )
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written for a different model (model.{', model.'.join(changed)} "
+                "differ); use a new output_dir or checkpoint.resume=never"
+            )
+        world = saved.get("deepspeed_world_size")
+        if world is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was not written by parallel.shard=deepspeed (it has no DeepSpeed "
+                "optimizer partitions); resume it with the parallel.shard it was written with, or use a new "
+                "output_dir or checkpoint.resume=never"
+            )
+        if world != self.mesh.world_size:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds DeepSpeed optimizer partitions of {world} ranks and this run has "
+                f"{self.mesh.world_size}: resume it with --nproc {world} (its model.safetensors holds the full "
+                "weights for `longtrain export` on any world size)"
+            )
+        self.engine.load_checkpoint(
+            str(path), tag=ENGINE_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(torch.tensor(saved["rng_cpu"], dtype=torch.uint8))
+        state.data.load_state_dict(saved["data"])
+        return Restored(step=saved["step"], data_state=saved["data"], path=path)
+
+    def close(self) -> None:
+        """Nothing to release: no threads, no processes."""

@@ -189,8 +189,3 @@ class JobConfig:
             check_spec(
                 Zero3Spec(self.optim, self.train.grad_accum, self.data.micro_batch_size, self.train.dtype)
             )
-            if self.checkpoint.enabled:
-                raise ConfigError(
-                    "parallel.shard=deepspeed does not save checkpoints yet (the engine's partitions are not "
-                    "gathered into longtrain's format); set checkpoint.enabled=false or use parallel.shard=fsdp"
-                )

@@ -28,6 +28,8 @@ from longtrain.offload import apply_activation_memory
 from longtrain.optim import OptimizerContainer, build_scheduler
 from longtrain.optim import build_optimizer as make_optimizer
 from longtrain.parallel import (
+    EngineCheckpointer,
+    EngineOptimizer,
     Mesh,
     Sharding,
     Zero3Spec,
@@ -205,6 +207,8 @@ def build_checkpointer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sh
     disk = SyncCheckpointer(
         cfg.checkpoint, cfg.output_dir, mesh, architecture(model), sharded=sharding.sharded
     )
+    if isinstance(sharding.optimizer, EngineOptimizer):  # parallel.shard=deepspeed over several ranks
+        return EngineCheckpointer(disk, sharding.optimizer.engine, mesh)
     if cfg.checkpoint.snapshot_every is None:
         return disk
     return SnapshotCheckpointer(cfg.checkpoint, cfg.output_dir, mesh, architecture(model), disk)

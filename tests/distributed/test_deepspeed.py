@@ -109,3 +109,48 @@ def _aio_built() -> bool:
     from torch.utils.cpp_extension import get_default_build_root
 
     return any(Path(get_default_build_root()).glob("*/async_io/async_io*.so"))
+
+
+def test_deepspeed_checkpoint_resumes_its_run_and_exports(tmp_path, longtrain_cmd, capsys):
+    """checkpoint.every=2 under parallel.shard=deepspeed on 2 ranks: the step-2 checkpoint (full
+    weights in longtrain's format + DeepSpeed's optimizer partitions, all in the manifest) resumes
+    the same command with the losses of the uninterrupted run; another world size is refused
+    naming the one to use; ``longtrain export`` reads the checkpoint."""
+    import shutil
+
+    from longtrain.checkpoint.sync import MANIFEST
+    from longtrain.trainer.cli import main
+
+    common = [c for c in COMMON if not c.startswith("checkpoint.")] + ["checkpoint.every=2", "train.steps=4"]
+    ds = ["--nproc", "2", "parallel.shard=deepspeed", "data.micro_batch_size=2", "activation.mode=none"]
+    out = tmp_path / "run"
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*longtrain_cmd, "train", "tiny_cpu", *extra, *common, f"output_dir={out}"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    proc = run(*ds)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step2 = out / "checkpoints" / "step-000002"
+    manifest = json.loads((step2 / MANIFEST).read_text())
+    assert {"model.safetensors", "trainer_state.json", "optimizer.pt"} <= set(manifest["files"])
+    assert any(name.startswith("deepspeed/") and "optim_states" in name for name in manifest["files"])
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    proc = run(*ds)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert full[-1]["loss"] < full[0]["loss"], "guard: training moves the loss"
+    for a, b in zip(full, resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["step"], a["loss"], b["loss"])
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    one_rank = run("parallel.shard=none", "activation.mode=none")
+    assert one_rank.returncode != 0 and "--nproc 2" in one_rank.stderr, one_rank.stderr[-2000:]
+    assert main(["export", str(out), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -47,7 +47,7 @@ def test_config_maps_offload_clipping_accumulation_and_dtype():
         (["optim.name=sgd"], "optim.name=sgd"),
         (["train.dtype=float64"], "train.dtype=float64"),
         (["optim.offload=nvme"], "optim.nvme_dir"),
-        (["checkpoint.enabled=true"], "checkpoint.enabled=false"),
+        (["checkpoint.enabled=true", "checkpoint.snapshot_every=1"], "checkpoint.snapshot_every=null"),
     ],
 )
 def test_what_the_engine_cannot_do_fails_with_one_line_naming_the_key(overrides, key):
