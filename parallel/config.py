@@ -30,7 +30,7 @@ class ParallelConfig:
         best-fit packs and minimal rings in data order, ranks round robin; for comparisons).
     hdp_cost: mode hdp: the cost model the scheduler balances with: profile (fitted at start-up from
         timed forward + backward passes of this model on five synthetic packs up to the token
-        capacity, averaged over the ranks; kept in output_dir/hdp_cost.json and read back by a
+        capacity, and a timed ring hop between ranks, averaged over the ranks; kept in output_dir/hdp_cost.json and read back by a
         re-run of the same job, so a resume plans as the first run did) | default (ByteScale's
         published ratios for a 7B model on GPUs; for simulations and comparisons).
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.

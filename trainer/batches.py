@@ -138,7 +138,7 @@ def hdp_cost_model(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> tuple[CostMod
     ``profile_packs(token capacity)`` (random tokens, the model's own attention core; the fastest of
     two passes after a warm-up; gradients dropped after), the times are averaged over the ranks
     (every rank then plans alike) and ``fit_cost_model`` fits attention ~ s^2, row-wise work ~ s and
-    a per-micro-batch constant. The ring hop's cost is not profiled (``DEFAULT_COST.comm``). The fit
+    a per-micro-batch constant; on several ranks the ring hop is timed too (``_ring_hop_seconds_per_token``). The fit
     is kept in ``output_dir/hdp_cost.json`` with what it was measured for (model, capacity, dtype,
     device, activation settings); a re-run of the same job (a resume) reads it back, so its plans
     are the first run's."""
@@ -164,17 +164,48 @@ def hdp_cost_model(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> tuple[CostMod
         return CostModel(**kept), str(path)
     packs = profile_packs(capacity)
     times = [_time_pack(cfg, mesh, model, lengths) for lengths in [packs[0], *packs]][1:]  # first: warm-up
-    mean = [t / mesh.world_size for t in all_reduce_sums(times, mesh)]
-    cost = fit_cost_model(list(zip(packs, mean, strict=True)), comm=DEFAULT_COST.comm)
+    hop = _ring_hop_seconds_per_token(mesh, model, capacity) if mesh.world_size > 1 else 0.0
+    mean = [t / mesh.world_size for t in all_reduce_sums([*times, hop], mesh)]
+    cost = fit_cost_model(list(zip(packs, mean[:-1], strict=True)), comm=mean[-1])
     if mesh.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "for": key,
             "cost": dataclasses.asdict(cost),
-            "samples": [[p, t] for p, t in zip(packs, mean, strict=True)],
+            "samples": [[p, t] for p, t in zip(packs, mean[:-1], strict=True)],
         }
         path.write_text(json.dumps(record, indent=1))
     return cost, "profiled"
+
+
+RING_PROBE_BYTES = 64 * 2**20
+
+
+def _ring_hop_seconds_per_token(mesh: Mesh, model: CausalLM, capacity: int, runs: int = 2) -> float:
+    """Seconds per token of one ring hop: every rank sends to the next and receives from the
+    previous what a ring moves per token over all layers (K and V forward; K, V, dK and dV
+    backward), for up to ``capacity`` tokens within ``RING_PROBE_BYTES``; the fastest of ``runs``
+    after a warm-up."""
+    import torch.distributed as dist
+
+    from longtrain.trainer.model.hf import head_dim_of
+
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    per_token = 6 * c.num_key_value_heads * head_dim_of(c) * c.num_hidden_layers
+    tokens = max(1, min(capacity, RING_PROBE_BYTES // (per_token * dtype.itemsize)))
+    send = torch.zeros(tokens * per_token, dtype=dtype, device=mesh.device)
+    recv = torch.empty_like(send)
+    nxt, prev = (mesh.rank + 1) % mesh.world_size, (mesh.rank - 1) % mesh.world_size
+    best = float("inf")
+    for i in range(runs + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for req in (dist.isend(send, nxt), dist.irecv(recv, prev)):
+            req.wait()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best / tokens
 
 
 def _time_pack(cfg: JobConfig, mesh: Mesh, model: CausalLM, lengths: Sequence[int], runs: int = 2) -> float:

@@ -458,7 +458,7 @@ def prepare(cfg: JobConfig) -> Job:
             c = batches.cost
             print(
                 f"longtrain: hdp cost model ({source}): attention {c.attn:.3g} s/token^2, rows {c.linear:.3g} "
-                f"s/token, {c.fixed:.3g} s per micro-batch, ring hop {c.comm:.3g} s/token (not profiled)",
+                f"s/token, {c.fixed:.3g} s per micro-batch, ring hop {c.comm:.3g} s/token",
                 flush=True,
             )
     zero3 = Zero3Spec(cfg.optim, cfg.train.grad_accum, cfg.data.micro_batch_size, cfg.train.dtype)
