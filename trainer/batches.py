@@ -202,6 +202,7 @@ def _ring_hop_seconds_per_token(mesh: Mesh, model: CausalLM, capacity: int, runs
         dist.barrier()
         t0 = time.perf_counter()
         for req in (dist.isend(send, nxt), dist.irecv(recv, prev)):
+            assert req is not None  # None only for ranks outside the group, and every rank is in it
             req.wait()
         if i:
             best = min(best, time.perf_counter() - t0)
