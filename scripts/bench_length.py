@@ -56,7 +56,9 @@ Fairness, the same for every system:
   chunk, whose transient is then the same at every length); the slope of a linear least-squares
   fit is the growth per token, the intercept the per-step fixed part (gradients, one loss chunk).
 * Longest sequence: one training step per length, each in a fresh process, doubling until a length
-  does not fit (no cap), then bisection to ``--resolution``; a length fails when the process's peak
+  does not fit (no cap), then bisection to ``--resolution``; the doubling starts at half the length
+  where the system's slope fit reaches the budget (fewer short probes; from ``--search-start`` when
+  that guess is over); a length fails when the process's peak
   RSS passes ``--budget-gib`` (a watchdog stops it early). The true answer lies in
   [max_len, max_len + resolution), so a ratio's interval is the range that allows.
 * Time: the processes of one comparison stay alive together and step in turn (the starting
@@ -516,20 +518,42 @@ def measure_slopes(args) -> dict:
     return out
 
 
-def search_max_len(system: str, args) -> dict:
+def search_start_for(system: str, slopes: dict, args) -> int:
+    """Where a system's doubling starts: half the length at which its slope fit reaches the budget
+    (rounded down to the resolution), never below ``--search-start``; the slope model is used only
+    when the search model is the slopes' model. Only the number of probes depends on it: doubling
+    and bisection still decide the length."""
+    fit = slopes.get(system)
+    if fit is None or args.spec_search != args.spec or fit["slope"] <= 0:
+        return args.search_start
+    built = statistics.median(p["rss_built"] for p in fit["points"])
+    predicted = (args.budget - built - fit["intercept"]) / fit["slope"]
+    return max(args.search_start, int(0.5 * predicted) // args.resolution * args.resolution)
+
+
+def search_max_len(system: str, args, start: int | None = None) -> dict:
     tried: dict[int, dict] = {}
 
     def fits(seq_len: int) -> bool:
-        job = {**_job(system, seq_len, args, spec=args.spec_search), "budget": args.budget}
-        r = tried[seq_len] = run_probe(job, args)
-        print(
-            f"  {system:<12} {seq_len:>7}: {'fits' if r['fits'] else 'over'} (peak RSS {gib(r['rss'])} GiB, {r['wall_s']} s)",
-            flush=True,
-        )
-        return r["fits"]
+        if seq_len not in tried:
+            job = {**_job(system, seq_len, args, spec=args.spec_search), "budget": args.budget}
+            r = tried[seq_len] = run_probe(job, args)
+            print(
+                f"  {system:<12} {seq_len:>7}: {'fits' if r['fits'] else 'over'} (peak RSS {gib(r['rss'])} GiB, {r['wall_s']} s)",
+                flush=True,
+            )
+        return tried[seq_len]["fits"]
 
-    lo, unbounded = search_lengths(fits, args.search_start, args.resolution)
-    return {"max_len": lo, "unbounded": unbounded, "tried": {str(k): v for k, v in sorted(tried.items())}}
+    first = start or args.search_start
+    lo, unbounded = search_lengths(fits, first, args.resolution)
+    if lo == 0 and first > args.search_start:  # the slope's guess was over: search from the bottom
+        lo, unbounded = search_lengths(fits, args.search_start, args.resolution)
+    return {
+        "max_len": lo,
+        "unbounded": unbounded,
+        "search_start": first,
+        "tried": {str(k): v for k, v in sorted(tried.items())},
+    }
 
 
 def time_together(jobs: dict[str, dict], steps: int, args) -> dict:
@@ -917,7 +941,7 @@ def main() -> None:
             search: dict[str, dict] = {}
             for system in SEARCH_SYSTEMS:
                 print(f"length search {system} (budget {gib(args.budget)} GiB)", flush=True)
-                search[system] = search_max_len(system, args)
+                search[system] = search_max_len(system, args, search_start_for(system, slopes, args))
             args.time_len = max(search["alst"]["max_len"], args.search_start)
             print(f"timing at ALST's longest, {args.time_len} tokens ({args.time_steps} rounds)", flush=True)
             timing = time_together(
