@@ -154,3 +154,31 @@ def test_verdicts():
     assert r["verdict"] == "miss"
     paired = bench_common.paired([0.7, 0.72, 0.71, 0.69, 0.7], [1.0] * 5, 0.85)
     assert paired["verdict"] == "hit" and paired["median"] == pytest.approx(0.7)
+
+
+def test_search_starts_at_half_the_slope_prediction_and_finds_the_same_length(monkeypatch):
+    """The slope fit only moves where the doubling starts: from that start and from the bottom the
+    search ends on the same length; a guess that is over falls back to the bottom."""
+    from types import SimpleNamespace
+
+    mib = 2**20
+    args = SimpleNamespace(spec=TINY, spec_search=TINY, budget=1000 * mib, resolution=512, search_start=1024)
+    slopes = {"ours_memory": {"slope": 10_000.0, "intercept": 50 * mib, "points": [{"rss_built": 600 * mib}]}}
+    start = bench_length.search_start_for("ours_memory", slopes, args)
+    predicted = (1000 - 600 - 50) * mib / 10_000.0
+    assert start == int(0.5 * predicted) // 512 * 512 and start > args.search_start
+    assert bench_length.search_start_for("alst", slopes, args) == 1024  # no fit: from the bottom
+    other = SimpleNamespace(**{**vars(args), "spec_search": {**TINY, "layers": 32}})
+    assert bench_length.search_start_for("ours_memory", slopes, other) == 1024
+
+    for true_max in (5000, 20_000, 700):
+        probes: list[int] = []
+
+        def fake_probe(job, args, true_max=true_max, probes=probes):
+            probes.append(job["seq_len"])
+            return {"fits": job["seq_len"] <= true_max, "rss": 0, "wall_s": 0}
+
+        monkeypatch.setattr(bench_length, "run_probe", fake_probe)
+        monkeypatch.setattr(bench_length, "_job", lambda system, n, args, spec=None: {"seq_len": n})
+        results = [bench_length.search_max_len("ours_memory", args, s)["max_len"] for s in (start, None)]
+        assert results[0] == results[1] and true_max - 512 < results[0] <= true_max, (true_max, results)
