@@ -213,8 +213,9 @@ def _tokenwise_plan(
     tok = LayerChoice("tokenwise", 0.0, "host", tile)
     keep = LayerChoice("keep")
     # alpha inside (0, 1): an untiled layer's rebuild then holds its rows twice (the bound for any alpha)
-    peak_tok = layer_peak_bytes(shape, t, LayerChoice("tokenwise", 0.5, "host", tile))
-    peak_keep = layer_peak_bytes(shape, t, keep)
+    half = LayerChoice("tokenwise", 0.5, "host", tile)
+    peak_tok = layer_peak_bytes(shape, t, half, half)  # a token-wise layer below prefetched
+    peak_keep = layer_peak_bytes(shape, t, keep, half)
     per_keep = activation_device_bytes(shape, t, keep)
 
     fixed_mem = memory_bytes(shape, layout, job, [tok])  # loss and ring buffers: the same for any layers

@@ -5,7 +5,7 @@ test_planner_estimate.py: the counter reads the whole process heap.
 
 Model: a 4-layer fp32 Llama (hidden 128, ffn 512, vocab 101) at 1024 tokens; one forward +
 backward after a warm-up step, so the model states are live when counting starts and gradients
-are the only state counted."""
+are the only state counted (they appear during backward, layer by layer)."""
 
 from __future__ import annotations
 

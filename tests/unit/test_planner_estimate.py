@@ -93,11 +93,11 @@ def test_dry_run_prints_the_planner_estimate(capsys):
     assert "layer_peak" in line and "total" in line
 
 
-def test_predicted_peak_bounds_the_measured_one():
+def test_predicted_peak_within_15_percent_of_the_measured_one():
     """Eight plans of a small Llama on CPU (tests/planner_calibration.py, in a fresh process: the
     device-bytes counter reads the process's whole heap, which threads left by other tests move).
-    Measured when written: predicted / measured 1.10 to 1.25, never below (the planner errs on the
-    side of not fitting)."""
+    Measured when written: predicted / measured 0.89 (recompute with tiles) to 1.12 (tokenwise
+    alpha 1)."""
     script = Path(__file__).resolve().parents[1] / "planner_calibration.py"
     out = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
@@ -105,4 +105,4 @@ def test_predicted_peak_bounds_the_measured_one():
     ratios = json.loads(out.stdout.strip().splitlines()[-1])
     if ratios is None:
         pytest.skip("needs glibc mallinfo2")
-    assert len(ratios) == 8 and all(1.0 <= r <= 1.3 for r in ratios.values()), ratios
+    assert len(ratios) == 8 and all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
