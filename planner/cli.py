@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", metavar="FILE", help="write the activation.plan file here")
 
 
-def _split_overrides(overrides: list[str]) -> tuple[list[str], str, dict[str, float]]:
-    """(job overrides, hardware name, hardware field overrides)."""
-    job, name, fields = [], DEFAULT_HARDWARE, {}
+def _split_overrides(
+    overrides: list[str], name: str = DEFAULT_HARDWARE
+) -> tuple[list[str], str, dict[str, float]]:
+    """(job overrides, hardware name (``name`` unless given), hardware field overrides)."""
+    job, fields = [], {}
     known = {f.name for f in dataclasses.fields(Hardware)} - {"name"}
     for item in overrides:
         key, eq, value = item.partition("=")
@@ -135,15 +137,20 @@ def _shape(cfg: Any) -> ModelShape:
 
 
 def plan_job(
-    recipe: str, overrides: list[str], gpus: int | None
+    recipe: str, overrides: list[str], gpus: int | None, default_hardware: str = DEFAULT_HARDWARE
 ) -> tuple[Any, Plan, dict[str, Any], Hardware, int]:
+    """Plan ``recipe`` with ``overrides`` (job keys, hardware=NAME, hardware.FIELD=V) on ``gpus``
+    devices: (config, best plan, the JSON result, hardware, gpus). An emulated link
+    (activation.link_gbps) is the hardware's device-host bandwidth."""
     from longtrain.trainer.compose import compose
 
-    job_overrides, name, fields = _split_overrides(overrides)
+    job_overrides, name, fields = _split_overrides(overrides, default_hardware)
     hw = _hardware(name, fields)
     cfg = compose(recipe, job_overrides)
     if cfg.activation.plan is not None:
         raise ConfigError("longtrain plan writes activation.plan (--write FILE); drop activation.plan")
+    if cfg.activation.link_gbps is not None:
+        hw = dataclasses.replace(hw, device_to_host_bps=cfg.activation.link_gbps * 1e9)
     if gpus is None:
         par = cfg.parallel
         gpus = par.data_parallel * par.context_parallel if par.data_parallel > 0 else par.context_parallel
@@ -221,6 +228,31 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"verdict: {verdict}",
         ]
     )
+
+
+def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardware_name: str) -> list[str]:
+    """``longtrain train RECIPE planner.auto=true``: plan the job as ``longtrain plan`` would (on
+    ``hardware_name``, the recipe's world size), write the plan to ``output_dir``/plan.json and
+    return the overrides that run it, the user's ``overrides`` last so a key set there stays as
+    set. A plan that does not fit is a one-line error with the smallest change that would."""
+    from pathlib import Path
+
+    if any(item.partition("=")[0].lstrip("+~") == "activation.plan" for item in overrides):
+        raise ConfigError(
+            "planner.auto=true writes activation.plan itself; drop activation.plan or planner.auto"
+        )
+    planning = [item for item in overrides if not item.lstrip("+~").startswith("planner.")]
+    cfg, best, result, hw, gpus = plan_job(recipe, planning, None, hardware_name)
+    if not best.fits:
+        raise ConfigError(
+            f"planner.auto: the job does not fit {gpus} x {hw.name} (over: {result['over_bytes']}); "
+            f"{result['suggestion']}"
+        )
+    path = Path(output_dir) / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    best.write(path)
+    kept = [item for item in overrides if item.lstrip("+~").partition("=")[0] != "planner.auto"]
+    return [*best.overrides(str(path), output_dir), *kept, "planner.auto=false"]
 
 
 def run(args: argparse.Namespace) -> int:
