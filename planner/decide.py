@@ -28,12 +28,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longtrain.offload.cost import ROW_ALIGN
 
 from .estimate import (
-    COMPUTE_EFFICIENCY,
     OPTIM_TIERS,
     SHARDS,
     Estimate,
@@ -42,16 +41,21 @@ from .estimate import (
     Layout,
     ModelShape,
     activation_device_bytes,
-    attention_flops,
     compute_seconds,
     estimate,
+    head_seconds,
+    layer_pass_seconds,
     layer_peak_bytes,
     layer_seconds,
     memory_bytes,
     model_state_bytes,
+    step_seconds,
     tier_bandwidth,
 )
 from .hardware import Hardware
+
+if TYPE_CHECKING:
+    from .profile import StepTimes
 
 HOST_FRACTION = 0.9  # of a node's DRAM / NVMe the plan may fill (the OS, page cache, data loader)
 MIN_TILE_ROWS = 256
@@ -170,30 +174,68 @@ def _capacity(
     return Capacity(device, host, file)
 
 
-def _best_alpha(
-    shape: ModelShape, layout: Layout, job: Job, hw: Hardware, tier: str, tile: int, cap: float
+def best_alpha(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    tier: str,
+    tile: int,
+    cap: float = 1.0,
+    times: StepTimes | None = None,
 ) -> tuple[float, float]:
     """(alpha, seconds of one token-wise layer) on ``tier`` with alpha <= cap: the best of the end
-    points, the kinks and the cap (the layer's time is convex piecewise linear in alpha)."""
+    points, the kinks and the cap (the layer's time is convex piecewise linear in alpha);
+    ``times``: the layer's measured seconds (planner/profile.py) instead of FLOPs."""
     t = job.tokens_per_rank(layout.cp)
     if cap < 0:
         return 0.0, float("inf")
     cap = min(cap, 1.0)
-    rate = hw.flops * COMPUTE_EFFICIENCY
-    fwd = (2.0 * t * shape.layer_params + attention_flops(shape, job, layout.cp)) / rate
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
     write, read = tier_bandwidth(hw, layout, tier)
     tw, rw = t * shape.whole_bytes, t * shape.rows_bytes
     points = {0.0, cap}
-    for bw, budget in ((write, fwd), (read, 2 * fwd)):
+    for bw, budget in ((write, fwd), (read, bwd)):
         kink = (budget * bw - tw) / rw if rw else 0.0
         if 0.0 < kink < cap:
             points.add(kink)
     best = (0.0, float("inf"))
     for a in sorted(points):
-        s = sum(layer_seconds(shape, layout, job, LayerChoice("tokenwise", a, tier, tile), hw).values())
+        choice = LayerChoice("tokenwise", a, tier, tile)
+        s = sum(layer_seconds(shape, layout, job, choice, hw, times).values())
         if s < best[1] - 1e-12:
             best = (a, s)
     return best
+
+
+def uniform_alpha(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    tier: str = "host",
+    tile: int = 0,
+    keep_last: int = 0,
+    times: StepTimes | None = None,
+) -> float:
+    """The one alpha for every token-wise layer (the last ``keep_last`` layers kept) that
+    minimises the whole step's predicted seconds, the turn from forward to backward included
+    (``estimate.turnaround_seconds``): the best of the end points and the kinks of the layer's
+    copy terms and of the turnaround's (the step is piecewise linear in alpha between them)."""
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+    write, read = tier_bandwidth(hw, layout, tier)
+    tw, rw = t * shape.whole_bytes, t * shape.rows_bytes
+    between = head_seconds(shape, layout, job, hw, times) + keep_last * (fwd + bwd)
+    kinks = [(fwd * write - tw) / rw, (bwd * read - tw) / rw, (between / (1 / write + 1 / read) - tw) / rw]
+    n_tok = shape.layers - keep_last
+
+    def seconds(a: float) -> float:
+        layers = [LayerChoice("tokenwise", a, tier, tile)] * n_tok + [LayerChoice("keep")] * keep_last
+        return sum(step_seconds(shape, layout, job, layers, hw, times).values())
+
+    points = sorted({0.0, 1.0, *(k for k in kinks if 0.0 < k < 1.0)})
+    return min(points, key=seconds)
 
 
 def _tokenwise_plan(
@@ -275,7 +317,7 @@ def _tokenwise_plan(
             elif first:
                 choice[tier] = (0.0, 0.0)
             else:
-                choice[tier] = _best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
+                choice[tier] = best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
         if not ok:
             continue
         seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)

@@ -40,6 +40,8 @@ from .hardware import Hardware
 if TYPE_CHECKING:
     from longtrain.trainer.config import JobConfig
 
+    from .profile import StepTimes
+
 # Fraction of the bf16 peak that long-sequence GEMMs and FlashAttention reach: FlashAttention-2
 # reports up to 73% forward and ~63% backward on A100; MEMO's whole step reaches 52.3% MFU at 7B/1M
 # on A800 (reference/memo.md). An assumption of the cost model, the same on every device.
@@ -363,15 +365,21 @@ def activation_offloaded_bytes(shape: ModelShape, t: int, choice: LayerChoice) -
 
 
 def estimate(
-    shape: ModelShape, layout: Layout, job: Job, layers: list[LayerChoice], hw: Hardware
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
 ) -> Estimate:
-    """Memory by category and predicted step time / MFU of one plan."""
+    """Memory by category and predicted step time / MFU of one plan (``times``: measured pieces
+    of the step instead of FLOPs at a fixed rate, ``step_seconds``)."""
     mem = memory_bytes(shape, layout, job, layers)
     device = device_total(mem)
     rpn = _ranks_per_node(layout, hw)
     host_node = rpn * sum(v for k, v in mem.items() if k.startswith("host."))
     file_node = rpn * sum(v for k, v in mem.items() if k.startswith("file."))
-    parts = step_seconds(shape, layout, job, layers, hw)
+    parts = step_seconds(shape, layout, job, layers, hw, times)
     step = sum(parts.values())
     return Estimate(
         mem, device, host_node, file_node, step, model_flops(shape, layout, job) / (step * hw.flops), parts
@@ -467,16 +475,37 @@ def tier_bandwidth(hw: Hardware, layout: Layout, tier: str) -> tuple[float, floa
     )
 
 
-def layer_seconds(
-    shape: ModelShape, layout: Layout, job: Job, c: LayerChoice, hw: Hardware
-) -> dict[str, float]:
-    """One layer's seconds in one step on one rank: compute (forward + backward), recompute,
-    the tier copies that do not hide behind the layer's forward (out) and backward (in), tile
-    overhead."""
+def layer_pass_seconds(
+    shape: ModelShape, layout: Layout, job: Job, hw: Hardware, times: StepTimes | None = None
+) -> tuple[float, float, float, float]:
+    """(forward, backward, row-wise forward, per-tile-and-pass) seconds of one layer on one rank:
+    measured (``times``, at this rank's tokens) or FLOPs at ``COMPUTE_EFFICIENCY`` of the peak."""
     t = job.tokens_per_rank(layout.cp)
+    if times is not None:
+        if times.tokens != t:
+            raise ValueError(f"step times measured at {times.tokens} tokens, the job has {t} per rank")
+        return times.layer_forward_s, times.layer_backward_s, times.rowwise_forward_s, times.tile_s
     rate = hw.flops * COMPUTE_EFFICIENCY
     rowwise = 2.0 * t * shape.layer_params / rate  # the layer's row-wise forward
     fwd = rowwise + attention_flops(shape, job, layout.cp) / rate
+    return fwd, 2 * fwd, rowwise, TILE_OVERHEAD_S
+
+
+def layer_seconds(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    c: LayerChoice,
+    hw: Hardware,
+    times: StepTimes | None = None,
+) -> dict[str, float]:
+    """One layer's seconds in one step on one rank: compute (forward + backward), recompute,
+    the tier copies that do not hide behind the layer's forward (out) and backward (in), tile
+    overhead. Forward, backward and the row-wise parts' forward come from ``times`` when given
+    (measured at this rank's tokens, planner/profile.py), else from FLOPs at
+    ``COMPUTE_EFFICIENCY`` of the device's peak (backward twice the forward)."""
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, rowwise, tile_s = layer_pass_seconds(shape, layout, job, hw, times)
     recompute = copies = tiles = 0.0
     if c.mode == "recompute":
         recompute = fwd + (rowwise if c.tile_rows else 0.0)  # tiles re-run the row parts once more
@@ -485,30 +514,71 @@ def layer_seconds(
     if c.mode in ("tokenwise", "offload"):
         write, read = tier_bandwidth(hw, layout, "host" if c.mode == "offload" else c.tier)
         nbytes = activation_offloaded_bytes(shape, t, c)
-        copies = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - 2 * fwd)
+        copies = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - bwd)
     if c.tile_rows:
         passes = 3 if c.mode == "tokenwise" else 4
-        tiles = passes * math.ceil(t / c.tile_rows) * TILE_OVERHEAD_S
+        tiles = passes * math.ceil(t / c.tile_rows) * tile_s
     g = job.grad_accum
-    return {"compute": g * 3 * fwd, "recompute": g * recompute, "copies": g * copies, "tiles": g * tiles}
+    return {"compute": g * (fwd + bwd), "recompute": g * recompute, "copies": g * copies, "tiles": g * tiles}
 
 
 def step_seconds(
-    shape: ModelShape, layout: Layout, job: Job, layers: list[LayerChoice], hw: Hardware
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
 ) -> dict[str, float]:
-    """Seconds of one step on one rank, by part: the layers' (``layer_seconds``), the LM head,
-    exposed collectives, the optimizer step."""
+    """Seconds of one step on one rank, by part: the layers' (``layer_seconds``), the LM head
+    and loss, the turn from forward to backward (``turnaround_seconds``), exposed collectives,
+    the optimizer step (``times``: measured, see layer_seconds)."""
     parts = {"compute": 0.0, "recompute": 0.0, "copies": 0.0, "tiles": 0.0}
     for c in layers:
-        for k, v in layer_seconds(shape, layout, job, c, hw).items():
+        for k, v in layer_seconds(shape, layout, job, c, hw, times).items():
             parts[k] += v
-    t = job.tokens_per_rank(layout.cp)
-    parts["compute"] += (
-        job.grad_accum * 3 * 2.0 * t * shape.hidden * shape.vocab / (hw.flops * COMPUTE_EFFICIENCY)
-    )
+    head = head_seconds(shape, layout, job, hw, times)
+    parts["compute"] += job.grad_accum * head
+    parts["copies"] += job.grad_accum * turnaround_seconds(shape, layout, job, layers, hw, times)
     parts["collectives"] = collective_seconds(shape, layout, job, hw, parts["compute"])
-    parts["optimizer"] = optimizer_seconds(shape, layout, hw)
+    parts["optimizer"] = times.optimizer_s if times is not None else optimizer_seconds(shape, layout, hw)
     return parts
+
+
+def head_seconds(shape: ModelShape, layout: Layout, job: Job, hw: Hardware, times: StepTimes | None) -> float:
+    """The LM head and loss, forward and backward, of one micro-batch."""
+    if times is not None:
+        return times.head_s
+    t = job.tokens_per_rank(layout.cp)
+    return 3 * 2.0 * t * shape.hidden * shape.vocab / (hw.flops * COMPUTE_EFFICIENCY)
+
+
+def turnaround_seconds(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
+) -> float:
+    """The copies of the topmost token-wise layer that the turn from forward to backward exposes
+    (one micro-batch). Its backward comes first among the token-wise layers and needs its tensors
+    back: they are written as its forward ends and read at once (offload/tokenwise.py prefetches
+    it when the forward ends), so the write and the read only hide behind what runs between,
+    the layers above it (kept) and the head and loss. ``layer_seconds`` counts the copies of a
+    layer as hidden behind its own forward and backward; for this layer that does not hold, so
+    its share there is replaced by this term."""
+    top = max((i for i, c in enumerate(layers) if c.mode == "tokenwise"), default=None)
+    if top is None:
+        return 0.0
+    c = layers[top]
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+    write, read = tier_bandwidth(hw, layout, c.tier)
+    nbytes = activation_offloaded_bytes(shape, t, c)
+    counted = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - bwd)
+    between = head_seconds(shape, layout, job, hw, times) + (len(layers) - 1 - top) * (fwd + bwd)
+    return max(0.0, nbytes / write + nbytes / read - between) - counted
 
 
 def compute_seconds(shape: ModelShape, layout: Layout, job: Job, hw: Hardware) -> float:
