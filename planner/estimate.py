@@ -510,7 +510,13 @@ def layer_seconds(
     if c.mode == "recompute":
         recompute = fwd + (rowwise if c.tile_rows else 0.0)  # tiles re-run the row parts once more
     elif c.mode == "tokenwise":
-        recompute = rowwise * (1 - split_row(c.alpha, t) / t)
+        a = split_row(c.alpha, t)
+        recompute = rowwise * (1 - a / t)
+        if not c.tile_rows and 0 < a < t:
+            # the rebuild concatenates the rows read back and recomputed (layer_peak_bytes): one
+            # copy of the row tensors, at the host's memory bandwidth (the CPU device's own; on a
+            # GPU an upper bound, its memory is faster)
+            recompute += t * shape.rows_bytes / hw.host_bps
     if c.mode in ("tokenwise", "offload"):
         write, read = tier_bandwidth(hw, layout, "host" if c.mode == "offload" else c.tier)
         nbytes = activation_offloaded_bytes(shape, t, c)

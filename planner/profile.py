@@ -9,7 +9,9 @@ many tiles, which copies do not hide. The pieces do not depend on the plan, so o
 predicts every plan of the job.
 
 Every time is the fastest of ``runs`` after a warm-up run: the minimum is what the machine can do,
-and other load on it only ever adds to a run.
+and other load on it only ever adds to a run. ``clock``: ``time.perf_counter`` (wall time, the
+default) or ``time.thread_time`` (the CPU time of the calling thread, which runs the layers with
+one torch thread: what another job's load on the machine does not change).
 """
 
 from __future__ import annotations
@@ -40,28 +42,33 @@ class StepTimes:
     optimizer_s: float  # one optimizer step over all parameters
 
 
-def _fastest(fn: Callable[[], object], runs: int) -> float:
+Clock = Callable[[], float]
+
+
+def _fastest(fn: Callable[[], object], runs: int, clock: Clock) -> float:
     fn()  # warm-up: first-touch allocations, kernel selection
     best = float("inf")
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
-def _layer_times(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int) -> tuple[float, float, float]:
+def _layer_times(
+    parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int, clock: Clock
+) -> tuple[float, float, float]:
     """(forward, backward, attention forward) seconds of one layer on x_th [t, h]."""
     x = x_th.detach().requires_grad_()
     dy = torch.randn_like(x_th)
     layer = functools.partial(run_layer, parts)
-    fwd = _fastest(lambda: parts.call(layer, x, ctx), runs)
+    fwd = _fastest(lambda: parts.call(layer, x, ctx), runs, clock)
 
     def backward() -> None:
         y = parts.call(layer, x, ctx)
-        t0 = time.perf_counter()
+        t0 = clock()
         y.backward(dy)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         parts.module.zero_grad(set_to_none=True)
         x.grad = None
 
@@ -70,20 +77,22 @@ def _layer_times(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int) 
         backward()
     bwd = min(times[1:])
     q, k, v = parts.call(parts.pre_attention, x, ctx.cos_td, ctx.sin_td)
-    attention = _fastest(lambda: ctx.attention(parts, q, k, v), runs)
+    attention = _fastest(lambda: ctx.attention(parts, q, k, v), runs, clock)
     return fwd, bwd, attention
 
 
-def _tile_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, tile_rows: int, runs: int) -> float:
+def _tile_seconds(
+    parts: LayerParts, x_th: Tensor, ctx: LayerContext, tile_rows: int, runs: int, clock: Clock
+) -> float:
     """Extra seconds per tile of a tiled forward over the untiled one (both recording autograd)."""
     x = x_th.detach().requires_grad_()
-    plain = _fastest(lambda: parts.call(functools.partial(run_layer, parts), x, ctx), runs)
-    tiled = _fastest(lambda: run_layer_tiled(parts, x, ctx, tile_rows), runs)
+    plain = _fastest(lambda: parts.call(functools.partial(run_layer, parts), x, ctx), runs, clock)
+    tiled = _fastest(lambda: run_layer_tiled(parts, x, ctx, tile_rows), runs, clock)
     n_tiles = len(tile_bounds(x_th.shape[0], tile_rows))
     return max(0.0, (tiled - plain) / n_tiles)
 
 
-def _head_seconds(model: CausalLM, ids_bs: Tensor, runs: int) -> float:
+def _head_seconds(model: CausalLM, ids_bs: Tensor, runs: int, clock: Clock) -> float:
     targets_t = shift_labels(ids_bs).reshape(-1)
 
     def step() -> None:
@@ -93,17 +102,20 @@ def _head_seconds(model: CausalLM, ids_bs: Tensor, runs: int) -> float:
         (loss + (x_th * 0).sum()).backward()  # the embedding's backward too
         model.zero_grad(set_to_none=True)
 
-    return _fastest(step, runs)
+    return _fastest(step, runs, clock)
 
 
 def _optimizer_seconds(
-    model: CausalLM, make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], runs: int
+    model: CausalLM,
+    make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    runs: int,
+    clock: Clock,
 ) -> float:
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = make_optimizer(params)
-    return _fastest(opt.step, runs)
+    return _fastest(opt.step, runs, clock)
 
 
 def measure_times(
@@ -112,6 +124,7 @@ def measure_times(
     tile_rows: int = 0,
     make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
     runs: int = 3,
+    clock: Clock = time.perf_counter,
 ) -> StepTimes:
     """The pieces of one step of ``model`` on ``ids_bs`` [b, s] (one micro-batch; its b * s rows
     are the tokens): the first decoder layer stands for all (they are alike); ``tile_rows``: also
@@ -120,14 +133,14 @@ def measure_times(
     with torch.no_grad():
         x_th, ctx = model.layer_inputs(ids_bs)
     parts = model.layer_parts[0]
-    fwd, bwd, attention = _layer_times(parts, x_th, ctx, runs)
+    fwd, bwd, attention = _layer_times(parts, x_th, ctx, runs, clock)
     parts.module.zero_grad(set_to_none=True)
     return StepTimes(
         tokens=x_th.shape[0],
         layer_forward_s=fwd,
         layer_backward_s=bwd,
         rowwise_forward_s=max(0.0, fwd - attention),
-        tile_s=_tile_seconds(parts, x_th, ctx, tile_rows, runs) if tile_rows else 0.0,
-        head_s=_head_seconds(model, ids_bs, runs),
-        optimizer_s=_optimizer_seconds(model, make, runs),
+        tile_s=_tile_seconds(parts, x_th, ctx, tile_rows, runs, clock) if tile_rows else 0.0,
+        head_s=_head_seconds(model, ids_bs, runs, clock),
+        optimizer_s=_optimizer_seconds(model, make, runs, clock),
     )
