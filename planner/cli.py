@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longtrain.config_checks import ConfigError
 
 from .decide import Fixed, Plan, max_seq_len, search
 from .estimate import Job, ModelShape, format_bytes
 from .hardware import Hardware, hardware
+
+if TYPE_CHECKING:
+    from .profile import StepTimes
 
 DEFAULT_HARDWARE = "h100_80g"
 _OPTIM_TIER = {"none": "device", "dram": "dram", "cxl": "dram", "nvme": "nvme", "auto": None}
@@ -136,6 +139,30 @@ def _shape(cfg: Any) -> ModelShape:
     return _SHAPES[key]
 
 
+def measured_times(cfg: Any, shape: ModelShape) -> StepTimes | None:
+    """The step's pieces of ``cfg``'s model measured on this CPU at one micro-batch
+    (planner/profile.py; tiles at the smallest tile the search tries), or None when the model is
+    too large to build here (its states past a quarter of the available memory)."""
+    import torch
+
+    from longtrain.trainer.model.adapter import adapt
+    from longtrain.trainer.model.hf import build_hf_model
+
+    from .decide import MIN_TILE_ROWS
+    from .hardware import meminfo
+    from .profile import measure_times
+
+    t = cfg.train.seq_len * cfg.data.micro_batch_size
+    room = meminfo()["MemAvailable"] // 4
+    if 16 * shape.params > room or t * (shape.plain_bytes + 4 * shape.vocab) > room:
+        return None
+    torch.manual_seed(cfg.seed)
+    dtype = cfg.train.torch_dtype
+    hf = build_hf_model(cfg.model, vocab_size=shape.vocab, seq_len=cfg.train.seq_len, dtype=dtype)
+    ids = torch.randint(0, shape.vocab, (cfg.data.micro_batch_size, cfg.train.seq_len))
+    return measure_times(adapt(hf), ids, tile_rows=MIN_TILE_ROWS if MIN_TILE_ROWS < t else 0)
+
+
 def plan_job(
     recipe: str, overrides: list[str], gpus: int | None, default_hardware: str = DEFAULT_HARDWARE
 ) -> tuple[Any, Plan, dict[str, Any], Hardware, int]:
@@ -160,7 +187,9 @@ def plan_job(
     fixed = fixed_from(cfg, explicit)
     shape = _shape(cfg)
     job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
-    best = search(shape, job, hw, gpus, fixed)
+    # this machine: its measured step pieces rather than FLOPs at a GPU's efficiency
+    times = measured_times(cfg, shape) if hw.name == "cpu" and gpus == 1 else None
+    best = search(shape, job, hw, gpus, fixed, times=times)
     longest = max_seq_len(shape, job, hw, gpus, fixed)
     est = best.estimate
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
@@ -184,6 +213,9 @@ def plan_job(
         "predicted_step_s": est.step_s,
         "predicted_parts_s": est.parts_s,
         "predicted_mfu": est.mfu,
+        "time_model": "measured"
+        if times is not None and times.tokens == job.tokens_per_rank(best.layout.cp)
+        else "flops",
         "max_seq_len": longest,
         "suggestion": None if best.fits else _suggestion(shape, job, hw, gpus, fixed, longest),
         "tokenwise_layers": len(tokenwise),
@@ -223,7 +255,8 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",
             f"layers: {layers}",
             f"predicted step {result['predicted_step_s']:.3f} s, MFU {100 * result['predicted_mfu']:.1f}% "
-            f"({', '.join(f'{k} {v:.3f}' for k, v in result['predicted_parts_s'].items() if v)})",
+            f"({', '.join(f'{k} {v:.3f}' for k, v in result['predicted_parts_s'].items() if v)}; "
+            f"{'from measured step pieces' if result['time_model'] == 'measured' else 'FLOPs at 60% of peak'})",
             f"longest sequence that fits: {result['max_seq_len']}",
             f"verdict: {verdict}",
         ]

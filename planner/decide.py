@@ -247,9 +247,10 @@ def _tokenwise_plan(
     tile: int,
     fixed: Fixed,
     first: bool = False,
+    times: StepTimes | None = None,
 ) -> list[LayerChoice] | None:
     """The fastest layers for one layout and tile size that fit (None: none does); ``first``: the
-    first that fits, alphas 0 (a feasibility check)."""
+    first that fits, alphas 0 (a feasibility check); ``times``: measured step pieces."""
     t = job.tokens_per_rank(layout.cp)
     n_layers = shape.layers
     tok = LayerChoice("tokenwise", 0.0, "host", tile)
@@ -312,12 +313,12 @@ def _tokenwise_plan(
                 layer = LayerChoice("tokenwise", a, tier, tile)
                 choice[tier] = (
                     a,
-                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw).values()),
+                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw, times).values()),
                 )
             elif first:
                 choice[tier] = (0.0, 0.0)
             else:
-                choice[tier] = best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
+                choice[tier] = best_alpha(shape, layout, job, hw, tier, tile, alpha_cap, times)
         if not ok:
             continue
         seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
@@ -358,13 +359,24 @@ def _over(est: Estimate, hw: Hardware) -> dict[str, int]:
     return {k: v for k, v in over.items() if v > 0}
 
 
-def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, first: bool = False) -> Plan:
+def search(
+    shape: ModelShape,
+    job: Job,
+    hw: Hardware,
+    gpus: int,
+    fixed: Fixed,
+    first: bool = False,
+    times: StepTimes | None = None,
+) -> Plan:
     """The fastest plan that fits, or (``fits`` False) the plan that overflows least; ``first``:
-    the first plan found that fits (feasibility only: the smallest tiles, alpha 0)."""
+    the first plan found that fits (feasibility only: the smallest tiles, alpha 0); ``times``:
+    the step's pieces measured at one rank's tokens (planner/profile.py), used for the layouts
+    with that many tokens per rank (FLOPs at a fixed rate for the others)."""
     best: Plan | None = None
     closest: tuple[int, Plan] | None = None
     for layout in _layouts(gpus, fixed, job.seq_len * job.micro_batch):
         t = job.tokens_per_rank(layout.cp)
+        measured = times if times is not None and times.tokens == t else None
         states = model_state_bytes(shape, layout)
         cap = _capacity(hw, layout, states, fixed, compute_seconds(shape, layout, job, hw))
         mode = fixed.mode or "tokenwise"
@@ -373,7 +385,7 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
             layers: list[LayerChoice] | None = None
             found = False
             if mode == "tokenwise" and cap is not None:
-                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first)
+                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first, measured)
                 found = layers is not None
             if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
                 if mode == "tokenwise":
@@ -381,7 +393,7 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
                     layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
                 else:
                     layers = _uniform(shape, mode, tile)
-            est = estimate(shape, layout, job, layers, hw)
+            est = estimate(shape, layout, job, layers, hw, measured)
             over = _over(est, hw)
             if mode == "tokenwise" and not found and cap is not None:
                 # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance

@@ -175,6 +175,7 @@ def test_trainer_runs_the_written_plan(capsys, tmp_path):
     code = main(["plan", "tiny_cpu", *tiny, "hardware=cpu", "--gpus", "1", "--json", "--write", str(path)])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["modes"] == ["tokenwise"] * 4
+    assert result["time_model"] == "measured"  # hardware=cpu: this machine's step pieces, timed
     run = [
         f"output_dir={tmp_path / 'run'}",
         "train.steps=1",
