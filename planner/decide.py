@@ -51,6 +51,7 @@ from .estimate import (
     model_state_bytes,
     step_seconds,
     tier_bandwidth,
+    turnaround_seconds,
 )
 from .hardware import Hardware
 
@@ -321,15 +322,53 @@ def _tokenwise_plan(
                 choice[tier] = best_alpha(shape, layout, job, hw, tier, tile, alpha_cap, times)
         if not ok:
             continue
-        seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
-        if best is None or seconds < best[0]:
-            layers = []
+
+        def build(alphas: dict[str, float], n_file: int = n_file, n_host: int = n_host) -> list[LayerChoice]:
+            """Layers bottom up: the file tier's, the host tier's, the kept ones."""
+            out = []
             if n_file:
-                layers += [LayerChoice("tokenwise", _floor4(choice["file"][0]), "file", tile)] * n_file
+                out += [LayerChoice("tokenwise", _floor4(alphas["file"]), "file", tile)] * n_file
             if n_host:
-                layers += [LayerChoice("tokenwise", _floor4(choice["host"][0]), "host", tile)] * n_host
-            layers += [keep] * k
-            best = (seconds, layers)
+                out += [LayerChoice("tokenwise", _floor4(alphas["host"]), "host", tile)] * n_host
+            return out + [keep] * k
+
+        alphas = {tier: a for tier, (a, _) in choice.items()}
+        seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
+        if not first:
+            # the topmost token-wise layer's copies at the turn from forward to backward
+            # (estimate.turnaround_seconds) depend on its tier's alpha: that alpha is the best of
+            # the tier's own candidates and the turnaround's kink (the step is piecewise linear
+            # in it between those points)
+            top = "host" if n_host else "file"
+            n_top = n_host or n_file
+            layers = build(alphas)
+            seconds += turnaround_seconds(shape, layout, job, layers, hw, times)
+            if fixed.alpha is None:
+                write, read = tier_bandwidth(hw, layout, top)
+                fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+                between = head_seconds(shape, layout, job, hw, times) + k * (fwd + bwd)
+                kink = (between / (1 / write + 1 / read) - whole) / rows if rows else 0.0
+                top_cap = (
+                    (((cap.host if top == "host" else cap.file) / n_top - whole) / rows) if rows else 1.0
+                )
+                for a in (0.0, kink):
+                    if not 0.0 <= a <= min(top_cap, 1.0) or a == alphas[top]:
+                        continue
+                    trial = {**alphas, top: a}
+                    layer = LayerChoice("tokenwise", a, top, tile)
+                    s_trial = (
+                        seconds
+                        - choice[top][1] * n_top
+                        - turnaround_seconds(shape, layout, job, layers, hw, times)
+                    )
+                    s_trial += n_top * sum(layer_seconds(shape, layout, job, layer, hw, times).values())
+                    s_trial += turnaround_seconds(shape, layout, job, build(trial), hw, times)
+                    if s_trial < seconds - 1e-12:
+                        alphas, seconds = trial, s_trial
+                        choice[top] = (a, sum(layer_seconds(shape, layout, job, layer, hw, times).values()))
+                        layers = build(alphas)
+        if best is None or seconds < best[0]:
+            best = (seconds, build(alphas))
             if first:
                 break
     return None if best is None else best[1]
