@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longtrain.config_checks import ConfigError
 
 from .decide import Fixed, Plan, max_seq_len, search
 from .estimate import Job, ModelShape, format_bytes
 from .hardware import Hardware, hardware
+
+if TYPE_CHECKING:
+    from .profile import StepTimes
 
 DEFAULT_HARDWARE = "h100_80g"
 _OPTIM_TIER = {"none": "device", "dram": "dram", "cxl": "dram", "nvme": "nvme", "auto": None}
@@ -38,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", metavar="FILE", help="write the activation.plan file here")
 
 
-def _split_overrides(overrides: list[str]) -> tuple[list[str], str, dict[str, float]]:
-    """(job overrides, hardware name, hardware field overrides)."""
-    job, name, fields = [], DEFAULT_HARDWARE, {}
+def _split_overrides(
+    overrides: list[str], name: str = DEFAULT_HARDWARE
+) -> tuple[list[str], str, dict[str, float]]:
+    """(job overrides, hardware name (``name`` unless given), hardware field overrides)."""
+    job, fields = [], {}
     known = {f.name for f in dataclasses.fields(Hardware)} - {"name"}
     for item in overrides:
         key, eq, value = item.partition("=")
@@ -134,16 +139,45 @@ def _shape(cfg: Any) -> ModelShape:
     return _SHAPES[key]
 
 
+def measured_times(cfg: Any, shape: ModelShape) -> StepTimes | None:
+    """The step's pieces of ``cfg``'s model measured on this CPU at one micro-batch
+    (planner/profile.py; tiles at the smallest tile the search tries), or None when the model is
+    too large to build here (its states past a quarter of the available memory)."""
+    import torch
+
+    from longtrain.trainer.model.adapter import adapt
+    from longtrain.trainer.model.hf import build_hf_model
+
+    from .decide import MIN_TILE_ROWS
+    from .hardware import meminfo
+    from .profile import measure_times
+
+    t = cfg.train.seq_len * cfg.data.micro_batch_size
+    room = meminfo()["MemAvailable"] // 4
+    if 16 * shape.params > room or t * (shape.plain_bytes + 4 * shape.vocab) > room:
+        return None
+    torch.manual_seed(cfg.seed)
+    dtype = cfg.train.torch_dtype
+    hf = build_hf_model(cfg.model, vocab_size=shape.vocab, seq_len=cfg.train.seq_len, dtype=dtype)
+    ids = torch.randint(0, shape.vocab, (cfg.data.micro_batch_size, cfg.train.seq_len))
+    return measure_times(adapt(hf), ids, tile_rows=MIN_TILE_ROWS if MIN_TILE_ROWS < t else 0)
+
+
 def plan_job(
-    recipe: str, overrides: list[str], gpus: int | None
+    recipe: str, overrides: list[str], gpus: int | None, default_hardware: str = DEFAULT_HARDWARE
 ) -> tuple[Any, Plan, dict[str, Any], Hardware, int]:
+    """Plan ``recipe`` with ``overrides`` (job keys, hardware=NAME, hardware.FIELD=V) on ``gpus``
+    devices: (config, best plan, the JSON result, hardware, gpus). An emulated link
+    (activation.link_gbps) is the hardware's device-host bandwidth."""
     from longtrain.trainer.compose import compose
 
-    job_overrides, name, fields = _split_overrides(overrides)
+    job_overrides, name, fields = _split_overrides(overrides, default_hardware)
     hw = _hardware(name, fields)
     cfg = compose(recipe, job_overrides)
     if cfg.activation.plan is not None:
         raise ConfigError("longtrain plan writes activation.plan (--write FILE); drop activation.plan")
+    if cfg.activation.link_gbps is not None:
+        hw = dataclasses.replace(hw, device_to_host_bps=cfg.activation.link_gbps * 1e9)
     if gpus is None:
         par = cfg.parallel
         gpus = par.data_parallel * par.context_parallel if par.data_parallel > 0 else par.context_parallel
@@ -153,7 +187,9 @@ def plan_job(
     fixed = fixed_from(cfg, explicit)
     shape = _shape(cfg)
     job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
-    best = search(shape, job, hw, gpus, fixed)
+    # this machine: its measured step pieces rather than FLOPs at a GPU's efficiency
+    times = measured_times(cfg, shape) if hw.name == "cpu" and gpus == 1 else None
+    best = search(shape, job, hw, gpus, fixed, times=times)
     longest = max_seq_len(shape, job, hw, gpus, fixed)
     est = best.estimate
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
@@ -177,6 +213,9 @@ def plan_job(
         "predicted_step_s": est.step_s,
         "predicted_parts_s": est.parts_s,
         "predicted_mfu": est.mfu,
+        "time_model": "measured"
+        if times is not None and times.tokens == job.tokens_per_rank(best.layout.cp)
+        else "flops",
         "max_seq_len": longest,
         "suggestion": None if best.fits else _suggestion(shape, job, hw, gpus, fixed, longest),
         "tokenwise_layers": len(tokenwise),
@@ -216,11 +255,37 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",
             f"layers: {layers}",
             f"predicted step {result['predicted_step_s']:.3f} s, MFU {100 * result['predicted_mfu']:.1f}% "
-            f"({', '.join(f'{k} {v:.3f}' for k, v in result['predicted_parts_s'].items() if v)})",
+            f"({', '.join(f'{k} {v:.3f}' for k, v in result['predicted_parts_s'].items() if v)}; "
+            f"{'from measured step pieces' if result['time_model'] == 'measured' else 'FLOPs at 60% of peak'})",
             f"longest sequence that fits: {result['max_seq_len']}",
             f"verdict: {verdict}",
         ]
     )
+
+
+def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardware_name: str) -> list[str]:
+    """``longtrain train RECIPE planner.auto=true``: plan the job as ``longtrain plan`` would (on
+    ``hardware_name``, the recipe's world size), write the plan to ``output_dir``/plan.json and
+    return the overrides that run it, the user's ``overrides`` last so a key set there stays as
+    set. A plan that does not fit is a one-line error with the smallest change that would."""
+    from pathlib import Path
+
+    if any(item.partition("=")[0].lstrip("+~") == "activation.plan" for item in overrides):
+        raise ConfigError(
+            "planner.auto=true writes activation.plan itself; drop activation.plan or planner.auto"
+        )
+    planning = [item for item in overrides if not item.lstrip("+~").startswith("planner.")]
+    cfg, best, result, hw, gpus = plan_job(recipe, planning, None, hardware_name)
+    if not best.fits:
+        raise ConfigError(
+            f"planner.auto: the job does not fit {gpus} x {hw.name} (over: {result['over_bytes']}); "
+            f"{result['suggestion']}"
+        )
+    path = Path(output_dir) / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    best.write(path)
+    kept = [item for item in overrides if item.lstrip("+~").partition("=")[0] != "planner.auto"]
+    return [*best.overrides(str(path), output_dir), *kept, "planner.auto=false"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,12 +28,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longtrain.offload.cost import ROW_ALIGN
 
 from .estimate import (
-    COMPUTE_EFFICIENCY,
     OPTIM_TIERS,
     SHARDS,
     Estimate,
@@ -42,16 +41,22 @@ from .estimate import (
     Layout,
     ModelShape,
     activation_device_bytes,
-    attention_flops,
     compute_seconds,
     estimate,
+    head_seconds,
+    layer_pass_seconds,
     layer_peak_bytes,
     layer_seconds,
     memory_bytes,
     model_state_bytes,
+    step_seconds,
     tier_bandwidth,
+    turnaround_seconds,
 )
 from .hardware import Hardware
+
+if TYPE_CHECKING:
+    from .profile import StepTimes
 
 HOST_FRACTION = 0.9  # of a node's DRAM / NVMe the plan may fill (the OS, page cache, data loader)
 MIN_TILE_ROWS = 256
@@ -170,30 +175,68 @@ def _capacity(
     return Capacity(device, host, file)
 
 
-def _best_alpha(
-    shape: ModelShape, layout: Layout, job: Job, hw: Hardware, tier: str, tile: int, cap: float
+def best_alpha(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    tier: str,
+    tile: int,
+    cap: float = 1.0,
+    times: StepTimes | None = None,
 ) -> tuple[float, float]:
     """(alpha, seconds of one token-wise layer) on ``tier`` with alpha <= cap: the best of the end
-    points, the kinks and the cap (the layer's time is convex piecewise linear in alpha)."""
+    points, the kinks and the cap (the layer's time is convex piecewise linear in alpha);
+    ``times``: the layer's measured seconds (planner/profile.py) instead of FLOPs."""
     t = job.tokens_per_rank(layout.cp)
     if cap < 0:
         return 0.0, float("inf")
     cap = min(cap, 1.0)
-    rate = hw.flops * COMPUTE_EFFICIENCY
-    fwd = (2.0 * t * shape.layer_params + attention_flops(shape, job, layout.cp)) / rate
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
     write, read = tier_bandwidth(hw, layout, tier)
     tw, rw = t * shape.whole_bytes, t * shape.rows_bytes
     points = {0.0, cap}
-    for bw, budget in ((write, fwd), (read, 2 * fwd)):
+    for bw, budget in ((write, fwd), (read, bwd)):
         kink = (budget * bw - tw) / rw if rw else 0.0
         if 0.0 < kink < cap:
             points.add(kink)
     best = (0.0, float("inf"))
     for a in sorted(points):
-        s = sum(layer_seconds(shape, layout, job, LayerChoice("tokenwise", a, tier, tile), hw).values())
+        choice = LayerChoice("tokenwise", a, tier, tile)
+        s = sum(layer_seconds(shape, layout, job, choice, hw, times).values())
         if s < best[1] - 1e-12:
             best = (a, s)
     return best
+
+
+def uniform_alpha(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    tier: str = "host",
+    tile: int = 0,
+    keep_last: int = 0,
+    times: StepTimes | None = None,
+) -> float:
+    """The one alpha for every token-wise layer (the last ``keep_last`` layers kept) that
+    minimises the whole step's predicted seconds, the turn from forward to backward included
+    (``estimate.turnaround_seconds``): the best of the end points and the kinks of the layer's
+    copy terms and of the turnaround's (the step is piecewise linear in alpha between them)."""
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+    write, read = tier_bandwidth(hw, layout, tier)
+    tw, rw = t * shape.whole_bytes, t * shape.rows_bytes
+    between = head_seconds(shape, layout, job, hw, times) + keep_last * (fwd + bwd)
+    kinks = [(fwd * write - tw) / rw, (bwd * read - tw) / rw, (between / (1 / write + 1 / read) - tw) / rw]
+    n_tok = shape.layers - keep_last
+
+    def seconds(a: float) -> float:
+        layers = [LayerChoice("tokenwise", a, tier, tile)] * n_tok + [LayerChoice("keep")] * keep_last
+        return sum(step_seconds(shape, layout, job, layers, hw, times).values())
+
+    points = sorted({0.0, 1.0, *(k for k in kinks if 0.0 < k < 1.0)})
+    return min(points, key=seconds)
 
 
 def _tokenwise_plan(
@@ -205,16 +248,18 @@ def _tokenwise_plan(
     tile: int,
     fixed: Fixed,
     first: bool = False,
+    times: StepTimes | None = None,
 ) -> list[LayerChoice] | None:
     """The fastest layers for one layout and tile size that fit (None: none does); ``first``: the
-    first that fits, alphas 0 (a feasibility check)."""
+    first that fits, alphas 0 (a feasibility check); ``times``: measured step pieces."""
     t = job.tokens_per_rank(layout.cp)
     n_layers = shape.layers
     tok = LayerChoice("tokenwise", 0.0, "host", tile)
     keep = LayerChoice("keep")
     # alpha inside (0, 1): an untiled layer's rebuild then holds its rows twice (the bound for any alpha)
-    peak_tok = layer_peak_bytes(shape, t, LayerChoice("tokenwise", 0.5, "host", tile))
-    peak_keep = layer_peak_bytes(shape, t, keep)
+    half = LayerChoice("tokenwise", 0.5, "host", tile)
+    peak_tok = layer_peak_bytes(shape, t, half, half)  # a token-wise layer below prefetched
+    peak_keep = layer_peak_bytes(shape, t, keep, half)
     per_keep = activation_device_bytes(shape, t, keep)
 
     fixed_mem = memory_bytes(shape, layout, job, [tok])  # loss and ring buffers: the same for any layers
@@ -269,23 +314,61 @@ def _tokenwise_plan(
                 layer = LayerChoice("tokenwise", a, tier, tile)
                 choice[tier] = (
                     a,
-                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw).values()),
+                    0.0 if first else sum(layer_seconds(shape, layout, job, layer, hw, times).values()),
                 )
             elif first:
                 choice[tier] = (0.0, 0.0)
             else:
-                choice[tier] = _best_alpha(shape, layout, job, hw, tier, tile, alpha_cap)
+                choice[tier] = best_alpha(shape, layout, job, hw, tier, tile, alpha_cap, times)
         if not ok:
             continue
-        seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
-        if best is None or seconds < best[0]:
-            layers = []
+
+        def build(alphas: dict[str, float], n_file: int = n_file, n_host: int = n_host) -> list[LayerChoice]:
+            """Layers bottom up: the file tier's, the host tier's, the kept ones."""
+            out = []
             if n_file:
-                layers += [LayerChoice("tokenwise", _floor4(choice["file"][0]), "file", tile)] * n_file
+                out += [LayerChoice("tokenwise", _floor4(alphas["file"]), "file", tile)] * n_file
             if n_host:
-                layers += [LayerChoice("tokenwise", _floor4(choice["host"][0]), "host", tile)] * n_host
-            layers += [keep] * k
-            best = (seconds, layers)
+                out += [LayerChoice("tokenwise", _floor4(alphas["host"]), "host", tile)] * n_host
+            return out + [keep] * k
+
+        alphas = {tier: a for tier, (a, _) in choice.items()}
+        seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
+        if not first:
+            # the topmost token-wise layer's copies at the turn from forward to backward
+            # (estimate.turnaround_seconds) depend on its tier's alpha: that alpha is the best of
+            # the tier's own candidates and the turnaround's kink (the step is piecewise linear
+            # in it between those points)
+            top = "host" if n_host else "file"
+            n_top = n_host or n_file
+            layers = build(alphas)
+            seconds += turnaround_seconds(shape, layout, job, layers, hw, times)
+            if fixed.alpha is None:
+                write, read = tier_bandwidth(hw, layout, top)
+                fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+                between = head_seconds(shape, layout, job, hw, times) + k * (fwd + bwd)
+                kink = (between / (1 / write + 1 / read) - whole) / rows if rows else 0.0
+                top_cap = (
+                    (((cap.host if top == "host" else cap.file) / n_top - whole) / rows) if rows else 1.0
+                )
+                for a in (0.0, kink):
+                    if not 0.0 <= a <= min(top_cap, 1.0) or a == alphas[top]:
+                        continue
+                    trial = {**alphas, top: a}
+                    layer = LayerChoice("tokenwise", a, top, tile)
+                    s_trial = (
+                        seconds
+                        - choice[top][1] * n_top
+                        - turnaround_seconds(shape, layout, job, layers, hw, times)
+                    )
+                    s_trial += n_top * sum(layer_seconds(shape, layout, job, layer, hw, times).values())
+                    s_trial += turnaround_seconds(shape, layout, job, build(trial), hw, times)
+                    if s_trial < seconds - 1e-12:
+                        alphas, seconds = trial, s_trial
+                        choice[top] = (a, sum(layer_seconds(shape, layout, job, layer, hw, times).values()))
+                        layers = build(alphas)
+        if best is None or seconds < best[0]:
+            best = (seconds, build(alphas))
             if first:
                 break
     return None if best is None else best[1]
@@ -315,13 +398,24 @@ def _over(est: Estimate, hw: Hardware) -> dict[str, int]:
     return {k: v for k, v in over.items() if v > 0}
 
 
-def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, first: bool = False) -> Plan:
+def search(
+    shape: ModelShape,
+    job: Job,
+    hw: Hardware,
+    gpus: int,
+    fixed: Fixed,
+    first: bool = False,
+    times: StepTimes | None = None,
+) -> Plan:
     """The fastest plan that fits, or (``fits`` False) the plan that overflows least; ``first``:
-    the first plan found that fits (feasibility only: the smallest tiles, alpha 0)."""
+    the first plan found that fits (feasibility only: the smallest tiles, alpha 0); ``times``:
+    the step's pieces measured at one rank's tokens (planner/profile.py), used for the layouts
+    with that many tokens per rank (FLOPs at a fixed rate for the others)."""
     best: Plan | None = None
     closest: tuple[int, Plan] | None = None
     for layout in _layouts(gpus, fixed, job.seq_len * job.micro_batch):
         t = job.tokens_per_rank(layout.cp)
+        measured = times if times is not None and times.tokens == t else None
         states = model_state_bytes(shape, layout)
         cap = _capacity(hw, layout, states, fixed, compute_seconds(shape, layout, job, hw))
         mode = fixed.mode or "tokenwise"
@@ -330,7 +424,7 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
             layers: list[LayerChoice] | None = None
             found = False
             if mode == "tokenwise" and cap is not None:
-                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first)
+                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first, measured)
                 found = layers is not None
             if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
                 if mode == "tokenwise":
@@ -338,7 +432,7 @@ def search(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed, f
                     layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
                 else:
                     layers = _uniform(shape, mode, tile)
-            est = estimate(shape, layout, job, layers, hw)
+            est = estimate(shape, layout, job, layers, hw, measured)
             over = _over(est, hw)
             if mode == "tokenwise" and not found and cap is not None:
                 # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance

@@ -15,7 +15,9 @@ Memory per device (bytes), the categories ``mem_bytes`` reports:
   activations                     what the kept and recomputed layers hold between forward and backward
   layer_peak                      one layer's transient at its backward peak (tiles shrink its row part)
   backward_peak                   the worst layer's backward: held activations of it and the layers
-                                  below it, plus its transient
+                                  below it, its transient, the gradients produced by then
+  grads_held                      gradients live through the whole step (accumulation, sharded
+                                  states); 0 when one micro-batch's backward creates them
   cp_buffers                      ring attention's K/V send/receive buffers (cp > 1)
   loss                            final hidden states, their gradient, logits chunks, LM-head grad
 The device's peak (``device_total``) is not the sum: the loss's transient and a layer's do not overlap.
@@ -38,13 +40,15 @@ from .hardware import Hardware
 if TYPE_CHECKING:
     from longtrain.trainer.config import JobConfig
 
+    from .profile import StepTimes
+
 # Fraction of the bf16 peak that long-sequence GEMMs and FlashAttention reach: FlashAttention-2
 # reports up to 73% forward and ~63% backward on A100; MEMO's whole step reaches 52.3% MFU at 7B/1M
 # on A800 (reference/memo.md). An assumption of the cost model, the same on every device.
 COMPUTE_EFFICIENCY = 0.6
 TILE_OVERHEAD_S = 20e-6  # per tile and pass (forward, recompute, backward): ~10 kernel launches
 ADAM_BYTES_PER_STATE_BYTE = 3.5  # AdamW reads p, g, m, v and writes p, m, v per 8 bytes of m, v
-GRAD_ROWS = 2  # ffn-sized gradients live at once in an MLP backward (gate, up, their product)
+GRAD_ROWS = 2  # ffn-sized gradients beyond the freed down-projection input at the MLP backward's peak
 LOSS_CHUNK_ROWS = 4096  # trainer/model/loss.py: one [chunk, V] fp32 logits block at a time
 
 SHARDS = ("none", "fsdp", "deepspeed")
@@ -296,36 +300,49 @@ def model_state_bytes(shape: ModelShape, layout: Layout) -> dict[str, int]:
     return out
 
 
-def layer_peak_bytes(shape: ModelShape, t: int, choice: LayerChoice) -> int:
-    """One layer's transient at its backward peak, t token rows on this rank.
+def layer_peak_bytes(shape: ModelShape, t: int, choice: LayerChoice, below: LayerChoice | None) -> int:
+    """One layer's transient at its backward peak, t token rows on this rank: the bytes above what
+    the layer holds from its forward (``activation_device_bytes``).
 
-    Full-length tensors live at the attention backward: the layer input and the gradient of the
-    residual stream (2 x h; the incoming gradient is folded into the latter by then), q/k/v and
-    their gradients, the attention output and its
-    gradient (+ logsumexp); a token-wise layer also has the next layer's whole tensors prefetched.
-    Row-wise part: the saved tensors and gradients of one tile (the whole sequence untiled): the
-    layer's row tensors other than q/k/v, three ffn-sized gradients and two fp32 norm rows.
-    A recompute layer rebuilds everything (row part over the tile, or all t rows untiled). An
-    untiled token-wise layer with 0 < alpha < 1 holds the rows read back and the rows recomputed
-    beside the tensors concatenated from them (offload/tokenwise.py ``_rebuild_rows``): one more
-    copy of its row tensors; and a token-wise layer's backward overlaps the read of the next
-    layer's first head rows (all of them untiled, one tile tiled)."""
+    A layer's backward peaks in its MLP backward (measured on CPU, tests/planner_calibration.py):
+    the layer's saved tensors are all there (its attention part's are freed only later) and the
+    incoming gradient (h) and two ffn-sized gradients are live, the down projection's saved input
+    having been freed (``mlp_grads``). The attention backward comes after the MLP's saved tensors
+    (at least 3 ffn-sized ones) are freed, so with ffn >= hidden it never holds more.
+
+    keep: ``mlp_grads`` over every row. recompute: the rebuilt saved tensors (all but the held
+    input) plus ``mlp_grads``; with tiles, the attention part (input, q/k/v, attention output)
+    full-length and the row part and ``mlp_grads`` over one tile. tokenwise: the same rebuild
+    (nothing held: the whole tensors come back from the tier). Any mode but offload: plus the
+    whole tensors and first head rows (all of them untiled, one tile tiled) of ``below``, the next
+    token-wise layer under it (None: there is none), prefetched during its backward (the topmost
+    token-wise layer's as soon as the forward ends);
+    an untiled layer with 0 < alpha < 1 concatenates its rows read back and recomputed
+    (offload/tokenwise.py ``_rebuild_rows``): before its MLP backward, one more copy of its row
+    tensors is live, beside the incoming gradient instead of ``mlp_grads``."""
     e, h = shape.dtype_bytes, shape.hidden
-    attn_out = e * shape.heads * shape.head_dim + 4 * shape.heads
-    full = 2 * e * h + 2 * shape.qkv_bytes + 2 * attn_out
+    mlp_grads = e * (h + GRAD_ROWS * shape.ffn)
+    prefetch = 0
+    if below is not None:
+        head = min(split_row(below.alpha, t), below.tile_rows or t)
+        prefetch = t * shape.whole_bytes + head * shape.rows_bytes
+    if choice.mode == "keep":
+        return t * mlp_grads + prefetch
+    if choice.mode == "offload":  # the saved tensors come back from the host first
+        return t * (shape.plain_bytes + mlp_grads)
     rows = choice.tile_rows or t
-    row_part = shape.rows_bytes - shape.qkv_bytes + GRAD_ROWS * e * shape.ffn + 8 * h
-    extra = 0
-    if choice.mode == "tokenwise":
-        full += shape.whole_bytes
-        a = split_row(choice.alpha, t)
-        extra = min(a, rows) * shape.rows_bytes  # the next layer's first head rows, prefetched
-        if not choice.tile_rows and 0 < a < t:
-            extra += t * shape.rows_bytes
-    if choice.mode == "keep" or choice.mode == "offload":
-        row_part = GRAD_ROWS * e * shape.ffn + 8 * h  # the saved rows: in activations / on the host
-        rows = t
-    return t * full + rows * row_part + extra
+    attn_part = shape.whole_bytes + shape.qkv_bytes  # full-length even with tiles
+    row_part = shape.plain_bytes - attn_part
+    rebuilt = t * attn_part + rows * (row_part + mlp_grads)
+    if choice.tile_rows:
+        rebuilt += t * e * h  # the incoming gradient of the whole sequence
+    if choice.mode == "recompute":
+        return rebuilt - t * e * h + prefetch  # its input is held
+    a = split_row(choice.alpha, t)
+    peak = rebuilt
+    if not choice.tile_rows and 0 < a < t:
+        peak = max(peak, t * (shape.plain_bytes + shape.rows_bytes + e * h))
+    return peak + prefetch
 
 
 def activation_device_bytes(shape: ModelShape, t: int, choice: LayerChoice) -> int:
@@ -348,15 +365,21 @@ def activation_offloaded_bytes(shape: ModelShape, t: int, choice: LayerChoice) -
 
 
 def estimate(
-    shape: ModelShape, layout: Layout, job: Job, layers: list[LayerChoice], hw: Hardware
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
 ) -> Estimate:
-    """Memory by category and predicted step time / MFU of one plan."""
+    """Memory by category and predicted step time / MFU of one plan (``times``: measured pieces
+    of the step instead of FLOPs at a fixed rate, ``step_seconds``)."""
     mem = memory_bytes(shape, layout, job, layers)
     device = device_total(mem)
     rpn = _ranks_per_node(layout, hw)
     host_node = rpn * sum(v for k, v in mem.items() if k.startswith("host."))
     file_node = rpn * sum(v for k, v in mem.items() if k.startswith("file."))
-    parts = step_seconds(shape, layout, job, layers, hw)
+    parts = step_seconds(shape, layout, job, layers, hw, times)
     step = sum(parts.values())
     return Estimate(
         mem, device, host_node, file_node, step, model_flops(shape, layout, job) / (step * hw.flops), parts
@@ -365,20 +388,30 @@ def estimate(
 
 def device_total(mem: dict[str, int]) -> int:
     """Peak device bytes: the model states, plus the larger of the loss phase (every layer's held
-    activations and the loss's transient) and the worst backward phase (``backward_peak``, with
-    the ring buffers); they never overlap."""
-    phases = {"activations", "layer_peak", "backward_peak", "cp_buffers", "loss"}
+    activations, the loss's transient and the gradients held through the step) and the worst
+    backward phase (``backward_peak``, which counts the gradients produced by then, with the ring
+    buffers); they never overlap."""
+    phases = {"activations", "layer_peak", "backward_peak", "cp_buffers", "loss", "grads", "grads_held"}
     states = sum(v for k, v in mem.items() if "." not in k and k not in phases)
-    return states + max(mem["activations"] + mem["loss"], mem["backward_peak"] + mem["cp_buffers"])
+    loss_phase = mem["activations"] + mem["loss"] + mem["grads_held"]
+    return states + max(loss_phase, mem["backward_peak"] + mem["cp_buffers"])
 
 
-def backward_peak_bytes(shape: ModelShape, t: int, layers: list[LayerChoice]) -> int:
+def backward_peak_bytes(
+    shape: ModelShape, t: int, layers: list[LayerChoice], head_grads: int = 0, layer_grads: int = 0
+) -> int:
     """The worst layer's backward: what the layers before it (and it) still hold, plus its
-    transient; backward runs from the last layer down, freeing each layer's held tensors."""
+    transient and the gradients live by then (``head_grads`` from the start, ``layer_grads`` more
+    for it and each layer above it); backward runs from the last layer down, freeing each layer's
+    held tensors."""
     held = peak = 0
-    for c in layers:
+    below: LayerChoice | None = None  # the next token-wise layer under layer i
+    for i, c in enumerate(layers):
         held += activation_device_bytes(shape, t, c)
-        peak = max(peak, held + layer_peak_bytes(shape, t, c))
+        grads = head_grads + (len(layers) - i) * layer_grads
+        peak = max(peak, held + layer_peak_bytes(shape, t, c, below) + grads)
+        if c.mode == "tokenwise":
+            below = c
     return peak
 
 
@@ -388,8 +421,19 @@ def memory_bytes(shape: ModelShape, layout: Layout, job: Job, layers: list[Layer
     e = shape.dtype_bytes
     mem = model_state_bytes(shape, layout)
     mem["activations"] = sum(activation_device_bytes(shape, t, c) for c in layers)
-    mem["layer_peak"] = max(layer_peak_bytes(shape, t, c) for c in layers)
-    mem["backward_peak"] = backward_peak_bytes(shape, t, layers)
+    mem["layer_peak"] = max(
+        layer_peak_bytes(shape, t, c, c if c.mode == "tokenwise" else None) for c in layers
+    )
+    # Gradients: a step of one micro-batch on replicated states creates them in backward (set to
+    # None after the optimizer step): the LM head's and final norm's first (the head's is in
+    # "loss"), then each layer's; otherwise they are held through the whole step.
+    if layout.shard == "none" and job.grad_accum == 1:
+        embedding = shape.vocab * shape.hidden if shape.other_params >= 2 * shape.vocab * shape.hidden else 0
+        mem["grads_held"] = 0
+        head_grads, layer_grads = 4 * (shape.other_params - embedding), 4 * shape.layer_params
+    else:
+        mem["grads_held"], head_grads, layer_grads = mem["grads"], mem["grads"], 0
+    mem["backward_peak"] = backward_peak_bytes(shape, t, layers, head_grads, layer_grads)
     # the final hidden states and their gradient (computed in the loss's forward, held to backward),
     # two fp32 [chunk, V] blocks (logits, their gradient), the fp32 LM-head weight gradient
     mem["loss"] = 2 * t * shape.hidden * e + 2 * min(LOSS_CHUNK_ROWS, t) * shape.vocab * 4
@@ -431,48 +475,116 @@ def tier_bandwidth(hw: Hardware, layout: Layout, tier: str) -> tuple[float, floa
     )
 
 
-def layer_seconds(
-    shape: ModelShape, layout: Layout, job: Job, c: LayerChoice, hw: Hardware
-) -> dict[str, float]:
-    """One layer's seconds in one step on one rank: compute (forward + backward), recompute,
-    the tier copies that do not hide behind the layer's forward (out) and backward (in), tile
-    overhead."""
+def layer_pass_seconds(
+    shape: ModelShape, layout: Layout, job: Job, hw: Hardware, times: StepTimes | None = None
+) -> tuple[float, float, float, float]:
+    """(forward, backward, row-wise forward, per-tile-and-pass) seconds of one layer on one rank:
+    measured (``times``, at this rank's tokens) or FLOPs at ``COMPUTE_EFFICIENCY`` of the peak."""
     t = job.tokens_per_rank(layout.cp)
+    if times is not None:
+        if times.tokens != t:
+            raise ValueError(f"step times measured at {times.tokens} tokens, the job has {t} per rank")
+        return times.layer_forward_s, times.layer_backward_s, times.rowwise_forward_s, times.tile_s
     rate = hw.flops * COMPUTE_EFFICIENCY
     rowwise = 2.0 * t * shape.layer_params / rate  # the layer's row-wise forward
     fwd = rowwise + attention_flops(shape, job, layout.cp) / rate
+    return fwd, 2 * fwd, rowwise, TILE_OVERHEAD_S
+
+
+def layer_seconds(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    c: LayerChoice,
+    hw: Hardware,
+    times: StepTimes | None = None,
+) -> dict[str, float]:
+    """One layer's seconds in one step on one rank: compute (forward + backward), recompute,
+    the tier copies that do not hide behind the layer's forward (out) and backward (in), tile
+    overhead. Forward, backward and the row-wise parts' forward come from ``times`` when given
+    (measured at this rank's tokens, planner/profile.py), else from FLOPs at
+    ``COMPUTE_EFFICIENCY`` of the device's peak (backward twice the forward)."""
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, rowwise, tile_s = layer_pass_seconds(shape, layout, job, hw, times)
     recompute = copies = tiles = 0.0
     if c.mode == "recompute":
         recompute = fwd + (rowwise if c.tile_rows else 0.0)  # tiles re-run the row parts once more
     elif c.mode == "tokenwise":
-        recompute = rowwise * (1 - split_row(c.alpha, t) / t)
+        a = split_row(c.alpha, t)
+        recompute = rowwise * (1 - a / t)
+        if not c.tile_rows and 0 < a < t:
+            # the rebuild concatenates the rows read back and recomputed (layer_peak_bytes): one
+            # copy of the row tensors, at the host's memory bandwidth (the CPU device's own; on a
+            # GPU an upper bound, its memory is faster)
+            recompute += t * shape.rows_bytes / hw.host_bps
     if c.mode in ("tokenwise", "offload"):
         write, read = tier_bandwidth(hw, layout, "host" if c.mode == "offload" else c.tier)
         nbytes = activation_offloaded_bytes(shape, t, c)
-        copies = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - 2 * fwd)
+        copies = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - bwd)
     if c.tile_rows:
         passes = 3 if c.mode == "tokenwise" else 4
-        tiles = passes * math.ceil(t / c.tile_rows) * TILE_OVERHEAD_S
+        tiles = passes * math.ceil(t / c.tile_rows) * tile_s
     g = job.grad_accum
-    return {"compute": g * 3 * fwd, "recompute": g * recompute, "copies": g * copies, "tiles": g * tiles}
+    return {"compute": g * (fwd + bwd), "recompute": g * recompute, "copies": g * copies, "tiles": g * tiles}
 
 
 def step_seconds(
-    shape: ModelShape, layout: Layout, job: Job, layers: list[LayerChoice], hw: Hardware
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
 ) -> dict[str, float]:
-    """Seconds of one step on one rank, by part: the layers' (``layer_seconds``), the LM head,
-    exposed collectives, the optimizer step."""
+    """Seconds of one step on one rank, by part: the layers' (``layer_seconds``), the LM head
+    and loss, the turn from forward to backward (``turnaround_seconds``), exposed collectives,
+    the optimizer step (``times``: measured, see layer_seconds)."""
     parts = {"compute": 0.0, "recompute": 0.0, "copies": 0.0, "tiles": 0.0}
     for c in layers:
-        for k, v in layer_seconds(shape, layout, job, c, hw).items():
+        for k, v in layer_seconds(shape, layout, job, c, hw, times).items():
             parts[k] += v
-    t = job.tokens_per_rank(layout.cp)
-    parts["compute"] += (
-        job.grad_accum * 3 * 2.0 * t * shape.hidden * shape.vocab / (hw.flops * COMPUTE_EFFICIENCY)
-    )
+    head = head_seconds(shape, layout, job, hw, times)
+    parts["compute"] += job.grad_accum * head
+    parts["copies"] += job.grad_accum * turnaround_seconds(shape, layout, job, layers, hw, times)
     parts["collectives"] = collective_seconds(shape, layout, job, hw, parts["compute"])
-    parts["optimizer"] = optimizer_seconds(shape, layout, hw)
+    parts["optimizer"] = times.optimizer_s if times is not None else optimizer_seconds(shape, layout, hw)
     return parts
+
+
+def head_seconds(shape: ModelShape, layout: Layout, job: Job, hw: Hardware, times: StepTimes | None) -> float:
+    """The LM head and loss, forward and backward, of one micro-batch."""
+    if times is not None:
+        return times.head_s
+    t = job.tokens_per_rank(layout.cp)
+    return 3 * 2.0 * t * shape.hidden * shape.vocab / (hw.flops * COMPUTE_EFFICIENCY)
+
+
+def turnaround_seconds(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    hw: Hardware,
+    times: StepTimes | None = None,
+) -> float:
+    """The copies of the topmost token-wise layer that the turn from forward to backward exposes
+    (one micro-batch). Its backward comes first among the token-wise layers and needs its tensors
+    back: they are written as its forward ends and read at once (offload/tokenwise.py prefetches
+    it when the forward ends), so the write and the read only hide behind what runs between,
+    the layers above it (kept) and the head and loss. ``layer_seconds`` counts the copies of a
+    layer as hidden behind its own forward and backward; for this layer that does not hold, so
+    its share there is replaced by this term."""
+    top = max((i for i, c in enumerate(layers) if c.mode == "tokenwise"), default=None)
+    if top is None:
+        return 0.0
+    c = layers[top]
+    t = job.tokens_per_rank(layout.cp)
+    fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
+    write, read = tier_bandwidth(hw, layout, c.tier)
+    nbytes = activation_offloaded_bytes(shape, t, c)
+    counted = max(0.0, nbytes / write - fwd) + max(0.0, nbytes / read - bwd)
+    between = head_seconds(shape, layout, job, hw, times) + (len(layers) - 1 - top) * (fwd + bwd)
+    return max(0.0, nbytes / write + nbytes / read - between) - counted
 
 
 def compute_seconds(shape: ModelShape, layout: Layout, job: Job, hw: Hardware) -> float:

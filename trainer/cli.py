@@ -22,7 +22,7 @@ import os
 import sys
 
 from .compose import available_recipes, compose, to_yaml
-from .config import ConfigError
+from .config import ConfigError, JobConfig
 
 # User input is checked where it enters and raises ConfigError (CheckpointError is one); any other
 # exception is a bug and keeps its traceback.
@@ -107,12 +107,26 @@ def run_simulate(argv: list[str]) -> int:
     return 0
 
 
+def planned_overrides(recipe: str, overrides: list[str], cfg: JobConfig) -> list[str]:
+    """planner.auto=true: the overrides that run the plan written under output_dir (planner.auto
+    false in them, so the ranks and a resumed run read the file instead of planning again)."""
+    from longtrain.planner.cli import plan_for_training
+
+    out = plan_for_training(recipe, overrides, cfg.output_dir, cfg.planner.hardware)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"longtrain: planner.auto: running {recipe} {' '.join(out)}", flush=True)
+    return out
+
+
 def run_train(recipe: str, overrides: list[str], dry_run: bool = False) -> int:
     """Compose, prepare, train (the body of ``python -m longtrain.trainer`` on every rank)."""
     from .train import prepare  # heavy imports after argument parsing
 
     try:
         cfg = compose(recipe, overrides)
+        if cfg.planner.auto:
+            overrides = planned_overrides(recipe, overrides, cfg)
+            cfg = compose(recipe, overrides)
         if dry_run:
             from .plan import dry_run_report
 
@@ -161,7 +175,9 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
     if nproc < 1:
         return _fail(f"--nproc must be >= 1, got {nproc}")
     try:
-        compose(recipe, overrides)  # fail fast, once, before starting processes
+        cfg = compose(recipe, overrides)  # fail fast, once, before starting processes
+        if cfg.planner.auto:  # planned once here: the ranks run the written file
+            overrides = planned_overrides(recipe, overrides, cfg)
     except USER_ERRORS as e:
         return _fail(str(e))
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "longtrain.trainer", recipe, *overrides]

@@ -9,6 +9,7 @@
     parallel.*    ParallelConfig     (parallel/config.py)
     checkpoint.*  CheckpointConfig   (checkpoint/config.py)
     logging.*     LoggingConfig      (this module)
+    planner.*     PlannerConfig      (this module)
 
 Composition (``compose.py``) fills these from a recipe YAML plus Hydra-syntax overrides. Every
 dataclass checks its fields with ``longtrain.config_checks`` (type, bounds, choices) and its
@@ -33,7 +34,7 @@ from longtrain.trainer.data.config import DataConfig
 from longtrain.trainer.model.adapter import SUPPORTED_FAMILIES
 from longtrain.trainer.model.attention import BACKENDS
 
-__all__ = ["ConfigError", "JobConfig", "LoggingConfig", "ModelConfig", "TrainConfig"]
+__all__ = ["ConfigError", "JobConfig", "LoggingConfig", "ModelConfig", "PlannerConfig", "TrainConfig"]
 
 DTYPES = ("float32", "bfloat16", "float64")  # torch dtype names
 DEVICES = ("auto", "cpu", "cuda")
@@ -141,6 +142,20 @@ class LoggingConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """auto: plan the activation memory (and the optimizer tier and sharding) before training, as
+    ``longtrain plan RECIPE hardware=HARDWARE --write`` would, write the plan under output_dir and
+    run it; keys set on the command line stay as set (planner/cli.py ``plan_for_training``).
+    hardware: the description planned for (cpu: this machine, measured)."""
+
+    auto: bool = False
+    hardware: str = option("cpu", nonempty=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "planner")
+
+
+@dataclass
 class JobConfig:
     output_dir: str = option("outputs/run", nonempty=True)
     seed: int = 0
@@ -152,6 +167,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -93,11 +93,11 @@ def test_dry_run_prints_the_planner_estimate(capsys):
     assert "layer_peak" in line and "total" in line
 
 
-def test_predicted_peak_bounds_the_measured_one():
+def test_predicted_peak_within_15_percent_of_the_measured_one():
     """Eight plans of a small Llama on CPU (tests/planner_calibration.py, in a fresh process: the
     device-bytes counter reads the process's whole heap, which threads left by other tests move).
-    Measured when written: predicted / measured 1.10 to 1.25, never below (the planner errs on the
-    side of not fitting)."""
+    Measured when written: predicted / measured 0.89 (recompute with tiles) to 1.12 (tokenwise
+    alpha 1)."""
     script = Path(__file__).resolve().parents[1] / "planner_calibration.py"
     out = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
@@ -105,4 +105,52 @@ def test_predicted_peak_bounds_the_measured_one():
     ratios = json.loads(out.stdout.strip().splitlines()[-1])
     if ratios is None:
         pytest.skip("needs glibc mallinfo2")
-    assert len(ratios) == 8 and all(1.0 <= r <= 1.3 for r in ratios.values()), ratios
+    assert len(ratios) == 8 and all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
+
+
+def _time_ratios(*flags: str) -> dict[str, float]:
+    script = Path(__file__).resolve().parents[1] / "planner_calibration.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--time", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return {name: r["ratio"] for name, r in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_predicted_compute_thread_time_within_25_percent_of_the_measured_one():
+    """The same eight plans' step times (forward, backward, AdamW) composed from one profile of the
+    step's pieces (planner/profile.py) against measured steps, both as the compute thread's CPU
+    time (one torch thread; another job's load does not stretch it), the fastest over rounds
+    that interleave them, in a fresh process (~16 s). Measured: 0.87-1.05 with no other job
+    running, 0.86-1.02 at load 4 on 2 cores."""
+    ratios = _time_ratios("--cpu-time")
+    assert len(ratios) == 8 and all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
+
+
+@pytest.mark.slow
+def test_predicted_step_time_within_25_percent_of_the_measured_one():
+    """As above in wall time, copy waits included. Slow: it needs a quiet machine, as the
+    token-wise plans' copy threads need the second core; with another job's load (load average
+    4.5 on 2 cores) the ratios spread to 0.76-1.13; with no other job running 0.85-1.02."""
+    ratios = _time_ratios()
+    assert len(ratios) == 8 and all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
+
+
+@pytest.mark.slow
+def test_planned_alpha_is_within_5_percent_of_the_best_of_a_sweep():
+    """Behind an emulated 0.5 GB/s link, four token-wise layers at the alpha the planner picks
+    (decide.uniform_alpha on the measured profile) step no slower than 1.05 x the fastest of
+    alpha 0, 0.25, ..., 1 (tests/planner_calibration.py --link; ~25 s, a quiet machine)."""
+    script = Path(__file__).resolve().parents[1] / "planner_calibration.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--link", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["planned_vs_best"] <= 1.05, result

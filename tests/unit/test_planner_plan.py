@@ -175,6 +175,7 @@ def test_trainer_runs_the_written_plan(capsys, tmp_path):
     code = main(["plan", "tiny_cpu", *tiny, "hardware=cpu", "--gpus", "1", "--json", "--write", str(path)])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["modes"] == ["tokenwise"] * 4
+    assert result["time_model"] == "measured"  # hardware=cpu: this machine's step pieces, timed
     run = [
         f"output_dir={tmp_path / 'run'}",
         "train.steps=1",
@@ -194,3 +195,32 @@ def test_a_fixed_alpha_the_host_cannot_hold_does_not_fit(capsys):
     assert 0 < result["max_seq_len"] < 2**20
     assert "drop activation.alpha=0.9" in result["suggestion"]
     assert f"lower train.seq_len to {result['max_seq_len']}" in result["suggestion"]
+
+
+def test_search_weighs_the_turnaround_like_uniform_alpha():
+    """The calibration's model (4 fp32 layers, 1024 tokens) with fixed step pieces behind 0.5 and
+    2 GB/s links: the search's host alpha (keep_last 0, tier host, untiled) is the one alpha that
+    minimises the whole predicted step, the forward-to-backward turn included
+    (decide.uniform_alpha), and its step is no slower than any alpha of a fine grid."""
+    from longtrain.planner.decide import uniform_alpha
+    from longtrain.planner.estimate import step_seconds
+    from longtrain.planner.profile import StepTimes
+
+    shape = ModelShape(4, 128, 4, 2, 32, 512, 101, 246_016, 25_984, 4)
+    times = StepTimes(1024, 7e-3, 14e-3, 5e-3, 0.0, 2.5e-3, 2.5e-3)
+    job, layout = Job(1024), Layout(1)
+    fixed = Fixed(
+        mode="tokenwise", tier="host", keep_last=0, tile_rows=0, cp=1, shard="none", optim_tier="device"
+    )
+    for gbps in (0.5, 2.0):
+        hw = dataclasses.replace(hardware("cpu"), device_to_host_bps=gbps * 1e9)
+        best = search(shape, job, hw, 1, fixed, times=times)
+        alpha = best.layers[-1].alpha
+        assert alpha == pytest.approx(uniform_alpha(shape, layout, job, hw, times=times), abs=1e-3)
+
+        def step(a: float, hw=hw) -> float:
+            return sum(
+                step_seconds(shape, layout, job, [LayerChoice("tokenwise", a)] * 4, hw, times).values()
+            )
+
+        assert step(alpha) <= min(step(a / 100) for a in range(101)) + 1e-9
