@@ -297,17 +297,13 @@ class TokenwiseExecutor:
         return y_th
 
     def _begin_tile(self, rec: LayerRecord, segment: str, start: int, end: int) -> None:
-        """The next tile of a tiled layer starts: the one before it has packed all it saves.
-
-        Head tiles' copies complete on the layer's schedule (waited at layer i + 2, with its whole
-        tensors), not tile by tile: MEMO's alpha offloads as many rows as the link moves during
-        the layer's forward, and a wait two tiles later would expose every head tile's copy (a
-        tile's copy takes longer than its compute whenever the link is slower than the forward
-        makes rows). The device then holds a layer's head tiles until they are copied, as a GPU
-        holds them in its staging buffer (``copy_engine.CudaCopyEngine``)."""
+        """The next tile of a tiled layer starts: the one before it has packed all it saves, and the
+        offloads of the one before that must be done (two tiles of copies in flight)."""
         k = len(rec.tiles)
         if k >= 1:
             rec.tiles[k - 1].alive.clear()  # its keys are its own: no later tile can alias them
+        if k >= 2:
+            self._wait_tile_copies(rec, rec.tiles[k - 2])
         rec.tiles.append(Tile(segment, start, end, head=end <= rec.a))
         rec.tile_current = k
 
@@ -466,11 +462,6 @@ class TokenwiseExecutor:
         rec.head_fetch = [
             rec.engine.fetch((index, "rows", r)) if rec.a else None for r in range(len(rec.row_shapes))
         ]
-        # Head tiles too: the link has the layer above's backward to move them, as untiled head rows
-        # (a read one tile ahead would expose every read the tile's backward cannot hide).
-        for k, tile in enumerate(rec.tiles):
-            if tile.head:
-                self._fetch_tile(rec, k)
 
     def _prefetch_below(self, index: int) -> None:
         """Start fetching the next tokenwise layer below ``index`` (the next one backward reaches)."""
@@ -527,10 +518,15 @@ class TokenwiseExecutor:
             w.copy = None
             rec.resident_bytes += nbytes_of(w.value)
             self._device_add(nbytes_of(w.value))
+        self._fetch_tile(rec, self._next_head_tile(rec, len(rec.tiles)))
         rec.rebuilt = True
 
-    def _fetch_tile(self, rec: LayerRecord, k: int) -> None:
-        if rec.tiles[k].fetched:
+    def _next_head_tile(self, rec: LayerRecord, k: int) -> int | None:
+        """The head tile backward reaches after tile ``k`` (tiles run backward in reverse order)."""
+        return next((j for j in reversed(range(k)) if rec.tiles[j].head), None)
+
+    def _fetch_tile(self, rec: LayerRecord, k: int | None) -> None:
+        if k is None or rec.tiles[k].fetched:
             return
         tile = rec.tiles[k]
         self._wait_tile_copies(rec, tile)
@@ -539,7 +535,7 @@ class TokenwiseExecutor:
 
     def _tile_value(self, rec: LayerRecord, slot: Slot) -> Tensor:
         """A tile's saved tensor; at the tile's first unpack all of them are read (head) or
-        recomputed (tail); head tiles' reads started with the layer's prefetch."""
+        recomputed (tail), and the next head tile's read starts."""
         tile = rec.tiles[slot.tile]
         if not tile.ready:
             if tile.head:
@@ -552,6 +548,7 @@ class TokenwiseExecutor:
                 assert value is not None
                 self._device_add(nbytes_of(value))
             tile.ready = True
+            self._fetch_tile(rec, self._next_head_tile(rec, slot.tile))
         value = tile.values[slot.row]
         assert value is not None  # released only after its last unpack
         return value
