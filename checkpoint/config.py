@@ -18,7 +18,8 @@ class CheckpointConfig:
     snapshot_every: take an in-memory snapshot every N optimizer steps (null = none): a lazy copy of
     the whole training state into this rank's snapshot agent, which outlives a crash of the trainer.
     agents: run snapshot agents (needed by snapshot_every).  ec: erasure code across ranks' snapshots,
-    none | xor | rs:k+m (checked; not applied yet).
+    none | xor (one lost rank rebuilt; 1/(N-1) extra memory) | rs:k+m (any m lost ranks; k + m
+    must be the number of ranks; m/k extra); a one-rank job codes nothing.
     """
 
     enabled: bool = True

@@ -76,6 +76,10 @@ class Checkpointer(Protocol):
         position included); None when there is none to resume from (a fresh run)."""
         ...
 
+    def stats(self) -> dict[str, float]:
+        """Figures for the metrics line (snapshot and parity bytes; {} when there are none)."""
+        ...
+
     def close(self) -> None:
         """Finish pending saves and release threads, processes and shared memory."""
         ...

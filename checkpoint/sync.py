@@ -274,6 +274,9 @@ class SyncCheckpointer:
         state.data.load_state_dict(restored.data_state)
         return restored
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
     def close(self) -> None:
         """Nothing to release: no threads, no processes."""
 

@@ -391,6 +391,7 @@ class Job:
                         "mem_peak_bytes": peak_memory_bytes(mesh.device),
                         **self.model.layer_executor_stats(),
                         **self.optimizer.stats(),
+                        **self.checkpointer.stats(),
                     }
                     if cfg.parallel.mode != "dp":
                         metrics.update(result.balance())

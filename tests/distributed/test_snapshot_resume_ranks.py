@@ -6,6 +6,7 @@ uninterrupted two-rank run's bit for bit, one metrics line per step. Agents gone
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from longtrain.checkpoint.agent import AgentClient, agent_dir
 
-pytestmark = pytest.mark.slow  # three two-rank runs: ~1 min on 2 cores
+pytestmark = pytest.mark.slow  # each test: three multi-rank runs, ~1 min on 2 cores
 
 RUN = [
     "train.seq_len=64",
@@ -113,3 +114,72 @@ def test_two_ranks_resume_from_agent_memory_after_a_rank_is_killed(outputs, long
             rb["lr"],
         )
     assert gone(run_b)
+
+
+def test_three_ranks_rebuild_a_lost_node_from_parity(tmp_path, longtrain_cmd):
+    """Node loss: rank 1's trainer and its agent killed with SIGKILL and its shared memory gone;
+    the re-run rebuilds rank 1's snapshot from ranks 0 and 2 (XOR parity, checkpoint.ec's default)
+    and continues bit-identically to an uninterrupted three-rank run."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run = [*RUN[:5], "train.steps=10", *RUN[6:]]
+
+    def command(out):
+        return [*longtrain_cmd, "train", "tiny_cpu", "--nproc", "3", *run, f"output_dir={out}"]
+
+    try:
+        a = subprocess.run(command(run_a), capture_output=True, text=True, timeout=240)
+        assert a.returncode == 0, a.stderr[-3000:]
+        assert [r["snapshot_parity_bytes"] * 2 for r in read_metrics(run_a)[2:]] == [
+            r["snapshot_bytes"] for r in read_metrics(run_a)[2:]
+        ]  # rank 0's parity: half of its snapshot (1/(N-1); the three ranks' states are equal)
+
+        launcher = subprocess.Popen(command(run_b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        directory = agent_dir(str(run_b), create=False)
+        try:
+            deadline = time.monotonic() + 180
+            while len(read_metrics(run_b)) < 5 and launcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            victim = rank_process(launcher, 1)
+            agent = AgentClient.connect(directory, 1)
+            assert victim is not None and agent is not None, "the run ended before it could be killed"
+            agent_pid = agent.pid()
+            agent.disconnect()
+            os.kill(agent_pid, signal.SIGKILL)
+            victim.send_signal(signal.SIGKILL)
+            for path in directory.glob("rank1.*"):  # the node's memory is gone with it
+                path.unlink()
+            launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+        assert launcher.returncode != 0
+        logged = [r["step"] for r in read_metrics(run_b)]
+        assert 5 <= len(logged) < 10
+
+        b = subprocess.run(command(run_b), capture_output=True, text=True, timeout=240)
+        assert b.returncode == 0, b.stderr[-3000:]
+        assert re.search(r"rank 1: rebuilt the snapshot of step \d+ \(\d+ bytes\)", b.stderr), b.stderr[
+            -3000:
+        ]
+        resumed = re.findall(r"resumed from agent memory \(.*\) \(step (\d+)\)", b.stdout)
+        assert len(resumed) == 1, b.stdout
+        step = int(resumed[0])
+        assert step % 2 == 0 and max(logged) - 2 <= step <= max(logged), (step, logged)
+
+        rows_a, rows_b = read_metrics(run_a), read_metrics(run_b)
+        assert [r["step"] for r in rows_b] == list(range(1, 11))
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert (ra["step"], ra["loss"], ra["grad_norm"], ra["lr"]) == (
+                rb["step"],
+                rb["loss"],
+                rb["grad_norm"],
+                rb["lr"],
+            )
+        assert gone(run_b)
+    finally:
+        for out in (run_a, run_b):
+            directory = agent_dir(str(out), create=False)
+            for rank in range(3):
+                client = AgentClient.connect(directory, rank) if directory.exists() else None
+                if client is not None:
+                    client.shutdown()
