@@ -175,6 +175,14 @@ class SnapshotCheckpointer:
         if self.lazy is not None:
             self.lazy.wait()
 
+    def persist(self, step: int, state: TrainState) -> Path | None:
+        """A disk checkpoint of ``step`` (after the snapshot in flight is done). Once it is written
+        the agents have nothing newer to keep: ``close`` stops them."""
+        self.wait()
+        path = self.disk.persist(step, state)
+        self.finished = path is not None
+        return path
+
     def stats(self) -> dict[str, float]:
         """This rank's last snapshot and the parity it keeps for the others' (bytes)."""
         return dict(self.sizes)
