@@ -205,7 +205,13 @@ class SnapshotCheckpointer:
             return  # some rank has no snapshot of this step: no parity for it
         parity, lengths, size = got
         tensors = {f"group{g}": t for g, t in parity.items()}
-        meta = {"step": step, "lengths": lengths, "stripe_bytes": size, "ec": self.layout.code_name}
+        meta = {
+            "step": step,
+            "lengths": lengths,
+            "stripe_bytes": size,
+            "ec": self.layout.code_name,
+            "world_size": self.layout.world,
+        }
         need = required_bytes(tensors, meta)
         if self.parity is None or min(s.size for s in self.parity.slots) < need:
             if self.parity is not None:
@@ -291,10 +297,16 @@ class SnapshotCheckpointer:
         return [(h[2], s) for s in self.lazy.pair.slots if (h := s.header())[0] == COMPLETE]
 
     def _parity_of(self, step: int) -> Snapshot | None:
-        """This rank's parity of snapshot ``step``, if it holds it and it verifies."""
-        slot = None if self.parity is None else self.parity.holding(step)
+        """This rank's parity of snapshot ``step``, if it holds it, it verifies and it was coded
+        with this run's layout (a run with another checkpoint.ec or number of ranks cannot use it)."""
+        if self.layout is None or self.parity is None:
+            return None
+        slot = self.parity.holding(step)
         got = None if slot is None else slot.read()
-        return got if isinstance(got, Snapshot) else None
+        if not isinstance(got, Snapshot):
+            return None
+        layout = (got.meta.get("ec"), got.meta.get("world_size"))
+        return got if layout == (self.layout.code_name, self.layout.world) else None
 
     def _held(self) -> list[tuple[set[int], set[int]]]:
         """Per rank: the steps of its complete snapshots and of the parity it holds that verifies
