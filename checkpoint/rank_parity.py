@@ -15,9 +15,10 @@ parity for m groups: m * S bytes, m/k of the largest snapshot (xor: 1/(N-1)), sp
 any m ranks takes at most m shards from each group, and the code rebuilds them from the other k.
 
 Traffic: to encode, each rank sends every stripe to the m ranks holding its group's parity (m
-times its image, one ``all_to_all_single``); each parity holder codes the k stripes it received
-(``ErasureCode.encode_row``). To rebuild, the survivors send each lost rank k shards per lost
-stripe (one ``all_to_all_single``) and the lost rank decodes. Both exchanges are called by every
+times its image); each parity holder codes the k stripes it received (``ErasureCode.encode_row``).
+To rebuild, the survivors send each lost rank k shards per lost stripe and the lost rank decodes.
+Both go in ``all_to_all_single`` calls over ``CHUNK`` bytes of every stripe at a time, so the
+buffers in flight stay m * k * CHUNK bytes (encode) or k * k * CHUNK (a rebuild), not the state. Both exchanges are called by every
 rank with the same arguments where they must agree (lengths, who holds what): the plans are
 computed the same way on every rank and never negotiated.
 """
@@ -35,6 +36,7 @@ from longtrain.config_checks import ConfigError
 from .parity import ErasureCode
 
 _WORD = 8
+CHUNK = 8 << 20  # bytes of each stripe per all_to_all: bounds the exchanges' buffers (a multiple of 8)
 
 
 class RebuildError(ValueError):
@@ -88,12 +90,16 @@ class RankParity:
         return -(-per // _WORD) * _WORD
 
     @staticmethod
-    def stripe(image: torch.Tensor, index: int, size: int) -> torch.Tensor:
-        """Stripe ``index`` of an image (uint8), zero-padded to ``size`` bytes (a view where whole)."""
-        piece = image[index * size : (index + 1) * size]
-        if piece.numel() == size:
+    def stripe(
+        image: torch.Tensor, index: int, size: int, lo: int = 0, hi: int | None = None
+    ) -> torch.Tensor:
+        """Bytes [lo, hi) of stripe ``index`` of an image (uint8; default: the whole stripe),
+        zero-padded where the image ends (a view where it does not)."""
+        hi = size if hi is None else hi
+        piece = image[index * size + lo : index * size + hi]
+        if piece.numel() == hi - lo:
             return piece
-        padded = torch.zeros(size, dtype=torch.uint8)
+        padded = torch.zeros(hi - lo, dtype=torch.uint8)
         padded[: piece.numel()] = piece
         return padded
 
@@ -189,13 +195,13 @@ def exchange_parity(
     size = layout.stripe_bytes(lengths)
     assert image is not None
 
-    chunks: list[torch.Tensor] = []
+    sends: list[int] = []  # the stripe index of each piece sent, grouped by destination rank
     send_counts = [0] * n
     for dst in range(n):
         for g, _ in layout.parity_groups(dst):
             q = layout.position(rank, g)
             if q >= m:
-                chunks.append(layout.stripe(image, q - m, size))
+                sends.append(q - m)
                 send_counts[dst] += 1
     recv_from: list[tuple[int, int]] = []  # (source, group) in the order they arrive
     recv_counts = [0] * n
@@ -204,12 +210,15 @@ def exchange_parity(
             if layout.position(src, g) >= m:
                 recv_from.append((src, g))
                 recv_counts[src] += 1
-    received = _all_to_all(chunks, send_counts, len(recv_from), recv_counts, size, group)
-    got = dict(zip(recv_from, received, strict=True))
-    parity = {
-        g: layout.encode(g, row, [got[(layout.rank_at(g, m + i), g)] for i in range(layout.k)])
-        for g, row in layout.parity_groups(rank)
-    }
+    parity = {g: torch.empty(size, dtype=torch.uint8) for g, _ in layout.parity_groups(rank)}
+    for lo in range(0, size, CHUNK):  # in pieces: what is in flight stays m * k * CHUNK bytes
+        hi = min(lo + CHUNK, size)
+        pieces = [layout.stripe(image, j, size, lo, hi) for j in sends]
+        received = _all_to_all(pieces, send_counts, len(recv_from), recv_counts, hi - lo, group)
+        got = dict(zip(recv_from, received, strict=True))
+        for g, row in layout.parity_groups(rank):
+            data = [got[(layout.rank_at(g, m + i), g)] for i in range(layout.k)]
+            parity[g][lo:hi] = layout.encode(g, row, data)
     return parity, lengths, size
 
 
@@ -229,33 +238,40 @@ def exchange_rebuild(
     ``size`` must be the same on every rank; ``image``/``parity``: this rank's, where it has them."""
     n, m = layout.world, layout.m
     plan = layout.rebuild_plan(have_data, have_parity)
-    outgoing: list[tuple[int, torch.Tensor]] = []  # (destination, shard) in plan order
+    outgoing: list[tuple[int, int, int]] = []  # (destination, group, position) in plan order
     incoming: list[tuple[int, int, int]] = []  # (source, group, position) in plan order
     for lost, g, _, positions in plan:
         for q in positions:
             src = layout.rank_at(g, q)
             if src == rank:
-                if q >= m:
-                    assert image is not None
-                    outgoing.append((lost, layout.stripe(image, q - m, size)))
-                else:
-                    assert parity is not None
-                    outgoing.append((lost, parity[g]))
+                outgoing.append((lost, g, q))
             if lost == rank:
                 incoming.append((src, g, q))
     # all_to_all groups by rank, and a stable sort keeps the plan's order within each rank
     outgoing.sort(key=lambda item: item[0])
     incoming.sort(key=lambda item: item[0])
-    send_counts = [sum(1 for d, _ in outgoing if d == r) for r in range(n)]
+    send_counts = [sum(1 for d, _, _ in outgoing if d == r) for r in range(n)]
     recv_counts = [sum(1 for s, _, _ in incoming if s == r) for r in range(n)]
-    received = _all_to_all([t for _, t in outgoing], send_counts, len(incoming), recv_counts, size, group)
-    if have_data[rank]:
-        return None
-    shards: dict[int, dict[int, torch.Tensor]] = {}
-    for (_, g, q), t in zip(incoming, received, strict=True):
-        shards.setdefault(g, {})[q] = t
-    stripes = {j: layout.decode(shards[g])[j] for g, j in layout.data_groups(rank)}
-    return torch.cat([stripes[j] for j in range(layout.k)])[: lengths[rank]]
+    out = None if have_data[rank] else torch.empty(layout.k * size, dtype=torch.uint8)
+    for lo in range(0, size, CHUNK):
+        hi = min(lo + CHUNK, size)
+        pieces = []
+        for _, g, q in outgoing:
+            if q >= m:
+                assert image is not None
+                pieces.append(layout.stripe(image, q - m, size, lo, hi))
+            else:
+                assert parity is not None
+                pieces.append(parity[g][lo:hi])
+        received = _all_to_all(pieces, send_counts, len(incoming), recv_counts, hi - lo, group)
+        if out is None:
+            continue
+        shards: dict[int, dict[int, torch.Tensor]] = {}
+        for (_, g, q), t in zip(incoming, received, strict=True):
+            shards.setdefault(g, {})[q] = t
+        for g, j in layout.data_groups(rank):
+            out[j * size + lo : j * size + hi] = layout.decode(shards[g])[j]
+    return None if out is None else out[: lengths[rank]]
 
 
 def _all_to_all(

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from longtrain.checkpoint import rank_parity
 from longtrain.checkpoint.parity import ErasureCode
 from longtrain.checkpoint.rank_parity import RankParity, exchange_parity, exchange_rebuild
+
+rank_parity.CHUNK = 1024  # stripes of ~2 KB go in two pieces, the second a partial one
 
 
 def image_of(rank: int) -> torch.Tensor:
