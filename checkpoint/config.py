@@ -46,3 +46,11 @@ class CheckpointConfig:
                 f"checkpoint.snapshot_every={self.snapshot_every} with checkpoint.enabled=false; set "
                 "checkpoint.snapshot_every=null or checkpoint.enabled=true"
             )
+
+    def check_ranks(self, world_size: int) -> None:
+        """The checks that need the number of ranks (the launcher's, before it starts them): an
+        rs:k+m code must span the ranks exactly."""
+        if self.snapshot_every is not None:
+            from .rank_parity import RankParity
+
+            RankParity.build(ErasureCode.parse(self.ec, "checkpoint.ec"), world_size)

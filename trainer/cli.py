@@ -162,7 +162,7 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
     if nproc < 1:
         return _fail(f"--nproc must be >= 1, got {nproc}")
     try:
-        compose(recipe, overrides)  # fail fast, once, before starting processes
+        compose(recipe, overrides).checkpoint.check_ranks(nproc)  # fail fast, once, before starting processes
     except USER_ERRORS as e:
         return _fail(str(e))
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "longtrain.trainer", recipe, *overrides]
