@@ -93,6 +93,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+Held = list[tuple[set[int], set[int]]]  # per rank: its snapshot steps, the steps of the parity it holds
+
+
+def newest_restorable(
+    held: Held, disk_step: int, layout: RankParity | None, ec: str
+) -> tuple[int | None, list[str]]:
+    """The newest snapshot step newer than the disk checkpoint that every rank holds, or that
+    parity rebuilds where ranks lost it (the same answer on every rank: ``held`` is agreed), and
+    why each newer one cannot be used."""
+    skipped = []
+    for step in sorted(set().union(*(data for data, _ in held)), reverse=True):
+        if step <= disk_step:
+            break
+        have_data = [step in data for data, _ in held]
+        if all(have_data):
+            return step, skipped
+        if layout is None:
+            why = f"checkpoint.ec={ec} keeps no parity across ranks"
+        else:
+            try:
+                layout.rebuild_plan(have_data, [step in parity for _, parity in held])
+                return step, skipped
+            except RebuildError as e:
+                why = str(e)
+        lost = [r for r, has in enumerate(have_data) if not has]
+        skipped.append(f"snapshot of step {step}: ranks {lost} lost it and it cannot be rebuilt ({why})")
+    return None, skipped
+
+
 def _say(message: str) -> None:
     print(f"longtrain: {message}", file=sys.stderr, flush=True)
 
@@ -261,7 +290,10 @@ class SnapshotCheckpointer:
             return None if disk_path is None else self.disk.load_from(disk_path, state)
         disk_step = -1 if disk_path is None else step_of(disk_path)
         held = self._held()
-        step = self._newest_restorable(held, disk_step)
+        step, skipped = newest_restorable(held, disk_step, self.layout, self.cfg.ec)
+        if self.mesh.is_main:
+            for line in skipped:
+                _say(line)
         if step is not None:
             restored = self._restore(step, held, state)
             if restored is not None:
@@ -308,7 +340,7 @@ class SnapshotCheckpointer:
         layout = (got.meta.get("ec"), got.meta.get("world_size"))
         return got if layout == (self.layout.code_name, self.layout.world) else None
 
-    def _held(self) -> list[tuple[set[int], set[int]]]:
+    def _held(self) -> Held:
         """Per rank: the steps of its complete snapshots and of the parity it holds that verifies
         (one all-reduce of every rank's two plus two steps)."""
         from longtrain.parallel import all_reduce_sums
@@ -334,31 +366,7 @@ class SnapshotCheckpointer:
             for r in range(n)
         ]
 
-    def _newest_restorable(self, held: list[tuple[set[int], set[int]]], disk_step: int) -> int | None:
-        """The newest snapshot step newer than the disk checkpoint that every rank holds, or that
-        parity rebuilds where ranks lost it (the same answer on every rank: ``held`` is agreed)."""
-        for step in sorted(set().union(*(data for data, _ in held)), reverse=True):
-            if step <= disk_step:
-                break
-            have_data = [step in data for data, _ in held]
-            if all(have_data):
-                return step
-            lost = [r for r, has in enumerate(have_data) if not has]
-            if self.layout is None:
-                why = f"checkpoint.ec={self.cfg.ec} keeps no parity across ranks"
-            else:
-                try:
-                    self.layout.rebuild_plan(have_data, [step in parity for _, parity in held])
-                    return step
-                except RebuildError as e:
-                    why = str(e)
-            if self.mesh.is_main:
-                _say(f"snapshot of step {step}: ranks {lost} lost it and it cannot be rebuilt ({why})")
-        return None
-
-    def _restore(
-        self, step: int, held: list[tuple[set[int], set[int]]], state: TrainState
-    ) -> Restored | None:
+    def _restore(self, step: int, held: Held, state: TrainState) -> Restored | None:
         """Load snapshot ``step`` on every rank (rebuilding it first where ranks lost it), if every
         rank's copy verifies."""
         from longtrain.parallel import all_reduce_sum
@@ -385,7 +393,7 @@ class SnapshotCheckpointer:
             self._encode_parity(step, slot)
         return Restored(step=step, data_state=full["data"], path=slot.path, source="agent memory")
 
-    def _rebuild(self, step: int, held: list[tuple[set[int], set[int]]]) -> str | None:
+    def _rebuild(self, step: int, held: Held) -> str | None:
         """Every rank: give the ranks that lost snapshot ``step`` what they need, and on those
         ranks rebuild it into a slot of a new agent. Returns what went wrong on this rank."""
         assert self.layout is not None

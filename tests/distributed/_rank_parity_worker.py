@@ -3,7 +3,8 @@ as a comma list). Every rank makes an image of its own length (a seeded random o
 snapshot), runs ``exchange_parity`` from a background thread over a separate gloo group while the
 main thread runs an all_reduce on the world group (as a training step does), then the ranks in
 ``lost`` drop their image and parity and ``exchange_rebuild`` gives them back. The result is
-compared with the one-process reference (``RankParity.encode_images``)."""
+compared with the one-process reference (``RankParity.encode_images``). Last, an exchange where
+the last rank has no image gives no rank parity."""
 
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def main() -> None:
         size,
         group,
     )
+    # a rank with no snapshot of a step (its write failed, it has no agent): nobody gets parity
+    nobody = exchange_parity(layout, rank, None if rank == world - 1 else images[rank], group)
     result = {
+        "none_without_an_image": nobody is None,
         "encoded": bool(encoded) and lengths == [i.numel() for i in images] and total.item() == world,
         "rebuilt": None if rebuilt is None else bool(torch.equal(rebuilt, images[rank])),
         "parity_bytes": sum(p.numel() for p in parity.values()),

@@ -17,7 +17,7 @@ WORKER = Path(__file__).parent / "_rank_parity_worker.py"
 def test_parity_exchange_and_rebuild(tmp_path, free_port, ec, world, lost):
     results = run_ranks(WORKER, world, free_port, tmp_path, ec, lost, timeout=60)
     lost_ranks = {int(r) for r in lost.split(",")}
-    assert all(r["encoded"] for r in results)
+    assert all(r["encoded"] and r["none_without_an_image"] for r in results)
     assert [r["rebuilt"] for r in results] == [True if i in lost_ranks else None for i in range(world)]
     longest = 3000 + 517 * (world - 1)
     k = world - (2 if ec.startswith("rs") else 1)

@@ -130,3 +130,23 @@ def test_layout_choices_and_config_errors():
         RankParity.build(ErasureCode.parse("rs:4+2"), 3)
     with pytest.raises(ConfigError, match="set checkpoint.ec to xor or none$"):
         RankParity.build(ErasureCode.parse("rs:1+2"), 2)
+
+
+def test_resume_picks_the_newest_snapshot_held_or_rebuildable():
+    from longtrain.checkpoint.snapshot import newest_restorable
+
+    xor3 = RankParity.build(ErasureCode.parse("xor"), 3)
+    everywhere = [({4, 6}, {4, 6})] * 3
+    assert newest_restorable(everywhere, -1, xor3, "xor") == (6, [])
+    assert newest_restorable(everywhere, 6, xor3, "xor") == (None, [])  # the disk checkpoint is as new
+    node_lost = [({4, 6}, {4, 6}), (set(), set()), ({4, 6}, {4, 6})]
+    assert newest_restorable(node_lost, -1, xor3, "xor") == (6, [])  # rebuilt from ranks 0 and 2
+    # killed while step 6's parity was being exchanged: rank 2 has none of step 6, so step 4
+    mid_exchange = [({4, 6}, {4, 6}), (set(), set()), ({4, 6}, {4})]
+    step, skipped = newest_restorable(mid_exchange, -1, xor3, "xor")
+    assert step == 4 and skipped == [
+        "snapshot of step 6: ranks [1] lost it and it cannot be rebuilt "
+        "(parity group 2 has 1 of its 3 shards left, 2 are needed (checkpoint.ec=xor))"
+    ]
+    step, skipped = newest_restorable(node_lost, -1, None, "none")
+    assert step is None and skipped[-1].endswith("(checkpoint.ec=none keeps no parity across ranks)")
