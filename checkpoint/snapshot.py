@@ -102,7 +102,7 @@ def newest_restorable(
     """The newest snapshot step newer than the disk checkpoint that every rank holds, or that
     parity rebuilds where ranks lost it (the same answer on every rank: ``held`` is agreed), and
     why each newer one cannot be used."""
-    skipped = []
+    skipped: list[str] = []
     for step in sorted(set().union(*(data for data, _ in held)), reverse=True):
         if step <= disk_step:
             break
