@@ -179,7 +179,8 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
         return 128 + int(e.sigval)
     except Exception as e:  # ChildFailedError: rank 0 already printed the error
         codes = {f.exitcode for f in getattr(e, "failures", {}).values()}
-        if codes == {2}:
+        stopped = {-signal.SIGTERM, -signal.SIGKILL}  # ranks torchrun stopped once one had failed
+        if 2 in codes and codes <= {2, *stopped}:
             return 2  # a user error, reported in one line by rank 0
         print(
             f"longtrain: error: a training process failed ({type(e).__name__}); see its output above",
