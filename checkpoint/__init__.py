@@ -1,8 +1,8 @@
 """Checkpoints and resume, behind the ``Checkpointer`` protocol (``protocol.py``): synchronous disk
 checkpoints (``sync.py``) and, with ``checkpoint.snapshot_every``, lazy in-memory snapshots in
 per-rank agent processes between them (``snapshot.py``, imported from there: importing the package
-must not import ``agent``, which runs as ``python -m longtrain.checkpoint.agent``); erasure
-coding across ranks later."""
+must not import ``agent``, which runs as ``python -m longtrain.checkpoint.agent``), erasure coded
+across ranks (``parity.py`` the codes, ``rank_parity.py`` their layout over the ranks)."""
 
 from .config import CheckpointConfig
 from .protocol import Checkpointer, Restored, TrainState

@@ -9,7 +9,8 @@ the job's ``output_dir`` and the rank (``agent_dir``), in the same private direc
 
 Requests are JSON lines over the socket (never pickle: anything that can connect must not be
 able to run code in the agent): ``ping`` (pid), ``slots`` (the two slot files, created or grown
-to the size asked), ``close`` (remove the slots and exit). An agent with no trainer connected for
+to the size asked; ``kind`` parity: the two that hold the parity this rank keeps for the other
+ranks' snapshots), ``close`` (remove the slots and exit). An agent with no trainer connected for
 ``idle_exit`` seconds removes its slots and exits, so a job that is never re-run leaks no memory.
 
 The trainer copies its state into the slot itself (``LazySnapshot``: a background thread started
@@ -37,7 +38,7 @@ import torch
 
 import longtrain
 
-from .slots import SlotPair, create_slot_file, private_dir
+from .slots import Slot, SlotPair, create_slot_file, private_dir
 
 SHM_ROOT = Path("/dev/shm")
 
@@ -58,6 +59,11 @@ def agent_paths(directory: Path, rank: int) -> tuple[Path, tuple[Path, Path]]:
     return directory / f"rank{rank}.sock", (directory / f"rank{rank}.slot0", directory / f"rank{rank}.slot1")
 
 
+def parity_paths(directory: Path, rank: int) -> tuple[Path, Path]:
+    """The two slot files of the parity ``rank`` keeps for other ranks' snapshots (rank_parity.py)."""
+    return directory / f"rank{rank}.parity0", directory / f"rank{rank}.parity1"
+
+
 def agent_log(directory: Path, rank: int) -> Path:
     """Where ``rank``'s agent writes its stderr (removed with its slots)."""
     return directory / f"rank{rank}.log"
@@ -66,6 +72,7 @@ def agent_log(directory: Path, rank: int) -> Path:
 class _Agent:
     def __init__(self, directory: Path, rank: int, idle_exit: float):
         self.sock_path, self.slot_paths = agent_paths(directory, rank)
+        self.parity_paths = parity_paths(directory, rank)
         self.rank = rank
         self.idle_exit = idle_exit
         self.lock = threading.Lock()
@@ -79,18 +86,24 @@ class _Agent:
             return {"pid": os.getpid()}
         if op == "slots":
             size = int(request["bytes"])
+            paths = self.parity_paths if request.get("kind") == "parity" else self.slot_paths
             with self.lock:
-                for path in self.slot_paths:
+                for path in paths:
                     if not path.exists() or path.stat().st_size < size:
                         create_slot_file(path, size)
-            return {"paths": [str(p) for p in self.slot_paths]}
+            return {"paths": [str(p) for p in paths]}
         if op == "close":
             self.done.set()
             return {"closed": True}
         return {"error": f"unknown request {op!r}"}
 
     def cleanup(self) -> None:
-        for path in (*self.slot_paths, self.sock_path, agent_log(self.sock_path.parent, self.rank)):
+        for path in (
+            *self.slot_paths,
+            *self.parity_paths,
+            self.sock_path,
+            agent_log(self.sock_path.parent, self.rank),
+        ):
             path.unlink(missing_ok=True)
         try:  # the job's directory goes with its last agent
             self.sock_path.parent.rmdir()
@@ -220,9 +233,10 @@ class AgentClient:
     def pid(self) -> int:
         return int(self.request(op="ping")["pid"])
 
-    def slots(self, nbytes: int) -> SlotPair:
-        """The rank's two slots, each at least ``nbytes`` (growing one discards what it held)."""
-        paths = self.request(op="slots", bytes=nbytes)["paths"]
+    def slots(self, nbytes: int, kind: str = "snapshot") -> SlotPair:
+        """The rank's two slots, each at least ``nbytes`` (growing one discards what it held);
+        ``kind`` "parity": the two that hold the parity it keeps for other ranks."""
+        paths = self.request(op="slots", bytes=nbytes, kind=kind)["paths"]
         return SlotPair((Path(paths[0]), Path(paths[1])))
 
     def disconnect(self) -> None:
@@ -253,14 +267,24 @@ class LazySnapshot:
         tensors: Mapping[str, torch.Tensor],
         meta: Mapping[str, Any],
         after_tensor: Callable[[int], None] | None = None,
+        then: Callable[[Slot | None], None] | None = None,
     ) -> None:
+        """``then(slot)`` runs on the same thread after the write, with the slot written (None
+        when the write failed): parity across ranks, which every rank must join either way."""
         self.wait()  # one snapshot in flight: a second would write the slot the first is filling
 
         def copy() -> None:
+            written = None
             try:
                 self.seq = self.pair.write(step, tensors, meta, after_tensor)
+                written = self.pair.holding(step)
             except BaseException as e:  # handed to the trainer at wait()
                 self._error = e
+            if then is not None:
+                try:
+                    then(written)
+                except BaseException as e:
+                    self._error = self._error or e
 
         self._thread = threading.Thread(target=copy, name="longtrain-snapshot", daemon=True)
         self._thread.start()

@@ -18,7 +18,8 @@ class CheckpointConfig:
     snapshot_every: take an in-memory snapshot every N optimizer steps (null = none): a lazy copy of
     the whole training state into this rank's snapshot agent, which outlives a crash of the trainer.
     agents: run snapshot agents (needed by snapshot_every).  ec: erasure code across ranks' snapshots,
-    none | xor | rs:k+m (checked; not applied yet).
+    none | xor (one lost rank rebuilt; 1/(N-1) extra memory) | rs:k+m (any m lost ranks; k + m
+    must be the number of ranks; m/k extra); a one-rank job codes nothing.
     """
 
     enabled: bool = True
@@ -45,3 +46,11 @@ class CheckpointConfig:
                 f"checkpoint.snapshot_every={self.snapshot_every} with checkpoint.enabled=false; set "
                 "checkpoint.snapshot_every=null or checkpoint.enabled=true"
             )
+
+    def check_ranks(self, world_size: int) -> None:
+        """The checks that need the number of ranks (the launcher's, before it starts them): an
+        rs:k+m code must span the ranks exactly."""
+        if self.snapshot_every is not None:
+            from .rank_parity import RankParity
+
+            RankParity.build(ErasureCode.parse(self.ec, "checkpoint.ec"), world_size)

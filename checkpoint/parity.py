@@ -231,6 +231,15 @@ class ErasureCode:
             return [xor_encode(data)]
         return rs_encode(data, self.m)
 
+    def encode_row(self, row: int, data: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parity shard ``row`` (0 <= row < m) of the data shards alone: what the rank that holds
+        only that parity shard computes."""
+        if self.kind == "xor":
+            return xor_encode(data)
+        if self.kind == "rs":
+            return _combine([cauchy_matrix(len(data), self.m)[row]], data)[0]
+        raise ValueError("checkpoint.ec=none has no parity")
+
     def decode(self, shards: Sequence[torch.Tensor | None], k: int) -> list[torch.Tensor]:
         """The k data shards from k data + m parity shards, lost ones None."""
         if self.kind == "xor":

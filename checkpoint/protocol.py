@@ -12,7 +12,8 @@ The loop calls, in this order every step:
                                  copy overlaps the next forward/backward, and the next wait() is
                                  where the loop pays for what is left of it
 
-and once before the first step ``load(state)``, once after the last ``close()``. A checkpointer
+and once before the first step ``load(state)``, once after the last ``close()``; on a
+preemption (SIGTERM) ``persist(step, state)`` after the step, before ``close()``. A checkpointer
 owns every barrier and collective its saves and loads need: the loop holds no barrier and no
 concrete class, so the synchronous disk checkpointer and the snapshot agents plug in alike.
 
@@ -74,6 +75,15 @@ class Checkpointer(Protocol):
     def load(self, state: TrainState) -> Restored | None:
         """Restore the newest usable checkpoint into ``state`` (every rank; the data loader's
         position included); None when there is none to resume from (a fresh run)."""
+        ...
+
+    def persist(self, step: int, state: TrainState) -> Path | None:
+        """Write the state after step ``step`` to disk now and return when it is there (preemption:
+        the process is about to end); the checkpoint's directory, or None when checkpoints are off."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Figures for the metrics line (snapshot and parity bytes; {} when there are none)."""
         ...
 
     def close(self) -> None:

@@ -204,6 +204,25 @@ class Slot:
         )
         self._set_state(COMPLETE)
 
+    def image(self) -> torch.Tensor | None:
+        """The bytes of a complete slot's snapshot, header to the end of its tensor data (a view of
+        the mapping; None when the slot holds none): what parity across ranks codes."""
+        state, *_, d_off, d_len = self.header()
+        return self.buf[: d_off + d_len] if state == COMPLETE else None
+
+    def write_image(self, image: torch.Tensor) -> None:
+        """Write an image taken with ``image`` (a rebuilt one): everything but the completion
+        mark first, the mark last, as ``write`` does; ``read`` then checks its checksums."""
+        if image.numel() > self.size or image.numel() < HEADER_BYTES:
+            raise SlotTooSmall(image.numel(), self.size)
+        self._set_state(WRITING)
+        self.buf[HEADER_BYTES : image.numel()].copy_(image[HEADER_BYTES:])
+        header = image[:HEADER_BYTES].clone()
+        state = struct.unpack_from("<I", header.numpy().data, 8)[0]
+        struct.pack_into("<I", header.numpy().data, 8, WRITING)  # the image's mark is set last
+        self.buf[:HEADER_BYTES].copy_(header)
+        self._set_state(state)
+
     def read(self, after_tensor: Callable[[int], None] | None = None) -> Snapshot | str:
         """The slot's snapshot (tensors copied out), or why it is not usable. ``after_tensor(i)``
         runs after the i-th tensor is copied out (tests start a writer there)."""
@@ -261,6 +280,10 @@ class SlotPair:
         seq = self.newest_seq() + 1
         self.target().write(seq, step, tensors, meta, after_tensor)
         return seq
+
+    def holding(self, step: int) -> Slot | None:
+        """The complete slot of snapshot ``step``, if any."""
+        return next((s for s in self.slots if (h := s.header())[0] == COMPLETE and h[2] == step), None)
 
     def read_newest(self, retries: int = 10) -> tuple[Snapshot | None, list[str]]:
         """The newest snapshot that verifies, and why each newer slot was skipped. A slot

@@ -10,34 +10,55 @@ pickle). ``save`` captures what is cheap (scheduler, loader, RNG: small; the opt
 (``LazySnapshot``); the parameters are read while the next forward/backward runs, and ``wait``,
 which the loop calls before the optimizer step, is where it pays for what is left.
 
-Resume (``checkpoint.resume=auto``): every rank reads the headers of its agent's two slots; the
-ranks agree on the newest step all of them hold (one all-reduce); it is taken when it is newer
-than the newest verified disk checkpoint, else the disk checkpoint is. Slots of other steps are
-then discarded, so a snapshot of the abandoned timeline (steps past the resumed one) is never
-resumed from later. The agent is started at the first snapshot, not before: a run that takes
-none starts no process. When no agent can be started or reached, training goes on with disk
-checkpoints only and says so in one line.
+Parity across ranks (``checkpoint.ec``, xor by default; ``rank_parity.py`` has the layout): on
+the same background thread, once its slot is written, every rank sends the stripes of its
+snapshot to the ranks that keep their group's parity (an ``all_to_all`` on a gloo group of its
+own, so it never interleaves with the training's collectives on the world group), codes the
+stripes it receives and writes its parity shards into the agent's two parity slots (crc32 per
+shard, completion mark last, tagged with the step). xor over N ranks keeps 1/(N-1) of a snapshot
+per rank; ``stats()`` puts ``snapshot_bytes`` and ``snapshot_parity_bytes`` in the metrics. A rank
+that takes no snapshot (no agent, a failed write) still joins the exchange and says so: nobody
+keeps parity of that step, and nobody waits for it. One rank: nothing to code.
 
-Not yet: parity across ranks (``checkpoint.ec`` is checked only), persistence by the agents,
-sharded states (``parallel.shard=fsdp`` takes disk checkpoints only; the config refuses the
-combination).
+Resume (``checkpoint.resume=auto``): every rank reads the headers of its agent's slots (and
+verifies the parity it holds); one all-reduce tells every rank which steps each rank holds. The
+newest step newer than the newest verified disk checkpoint is taken if every rank holds it or
+parity rebuilds it: the ranks that lost it (a node lost with its agent's memory) get the shards
+they need from the others (one ``all_to_all``), decode their snapshot's image, write it into a
+slot of a new agent and read it back through its checksums; then the snapshot is coded again,
+since the lost ranks' parity went with them. Otherwise the disk checkpoint is taken. Slots of
+other steps (snapshot and parity) are then discarded, so a snapshot of the abandoned timeline
+(steps past the resumed one) is never resumed from later. The agent is started at the first
+snapshot, not before: a run that takes none starts no process. When no agent can be started or
+reached, training goes on with disk checkpoints only and says so in one line.
+
+Not yet: persistence by the agents (and so no recovery when more ranks lose their memory than
+the code covers but a disk checkpoint; the parity is computed by the trainer's copy thread, not
+by the agents), sharded states (``parallel.shard=fsdp`` takes disk checkpoints only; the config
+refuses the combination), resuming snapshots on another number of ranks (disk checkpoints do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from .agent import SHM_ROOT, AgentClient, AgentError, LazySnapshot, agent_dir, agent_paths
+from .agent import SHM_ROOT, AgentClient, AgentError, LazySnapshot, agent_dir, agent_paths, parity_paths
 from .config import CheckpointConfig
 from .flat import flatten, unflatten
+from .parity import ErasureCode
 from .protocol import Restored, TrainState
+from .rank_parity import RankParity, RebuildError, exchange_parity, exchange_rebuild
 from .slots import COMPLETE, Slot, SlotPair, Snapshot, required_bytes
 from .sync import SyncCheckpointer, step_of
 
@@ -72,6 +93,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+Held = list[tuple[set[int], set[int]]]  # per rank: its snapshot steps, the steps of the parity it holds
+
+
+def newest_restorable(
+    held: Held, disk_step: int, layout: RankParity | None, ec: str
+) -> tuple[int | None, list[str]]:
+    """The newest snapshot step newer than the disk checkpoint that every rank holds, or that
+    parity rebuilds where ranks lost it (the same answer on every rank: ``held`` is agreed), and
+    why each newer one cannot be used."""
+    skipped: list[str] = []
+    for step in sorted(set().union(*(data for data, _ in held)), reverse=True):
+        if step <= disk_step:
+            break
+        have_data = [step in data for data, _ in held]
+        if all(have_data):
+            return step, skipped
+        if layout is None:
+            why = f"checkpoint.ec={ec} keeps no parity across ranks"
+        else:
+            try:
+                layout.rebuild_plan(have_data, [step in parity for _, parity in held])
+                return step, skipped
+            except RebuildError as e:
+                why = str(e)
+        lost = [r for r, has in enumerate(have_data) if not has]
+        skipped.append(f"snapshot of step {step}: ranks {lost} lost it and it cannot be rebuilt ({why})")
+    return None, skipped
+
+
 def _say(message: str) -> None:
     print(f"longtrain: {message}", file=sys.stderr, flush=True)
 
@@ -99,6 +149,15 @@ class SnapshotCheckpointer:
         self.off = False  # no agent could be started or reached: disk checkpoints only
         self.finished = False  # the last step's checkpoint is written: the agent may go
         self._disk_due = False
+        # Parity across ranks: the layout, a gloo group of its own (the exchange runs on the copy
+        # thread while the training's collectives run on the world group), the parity slots.
+        self.layout = RankParity.build(ErasureCode.parse(cfg.ec), mesh.world_size)
+        self.group: dist.ProcessGroup | None = None
+        if self.layout is not None:
+            self.group = dist.new_group(backend="gloo")  # every rank builds its checkpointer here
+        self.parity: SlotPair | None = None
+        self._exchange: threading.Thread | None = None  # a rank without an agent still joins it
+        self.sizes: dict[str, float] = {}  # of the last snapshot: its bytes and its parity's
 
     # ------------------------------------------------------------------ saving
 
@@ -112,6 +171,7 @@ class SnapshotCheckpointer:
             self.disk.save(step, state)
             return
         if self.off:
+            self._join_exchange_without_snapshot()
             return
         tensors, meta = self._capture(step, state)
         need = required_bytes(tensors, meta)
@@ -133,12 +193,73 @@ class SnapshotCheckpointer:
         except (AgentError, OSError) as e:
             self.off = True
             _say(f"rank {self.mesh.rank}: no snapshot agent ({e}); continuing with disk checkpoints only")
+            self._join_exchange_without_snapshot()
             return
-        self.lazy.start(step, tensors, meta)
+        self.lazy.start(step, tensors, meta, then=functools.partial(self._written, step))
 
     def wait(self) -> None:
+        if self._exchange is not None:
+            self._exchange.join()
+            self._exchange = None
         if self.lazy is not None:
             self.lazy.wait()
+
+    def persist(self, step: int, state: TrainState) -> Path | None:
+        """A disk checkpoint of ``step`` (after the snapshot in flight is done). Once it is written
+        the agents have nothing newer to keep: ``close`` stops them."""
+        self.wait()
+        path = self.disk.persist(step, state)
+        self.finished = path is not None
+        return path
+
+    def stats(self) -> dict[str, float]:
+        """This rank's last snapshot and the parity it keeps for the others' (bytes)."""
+        return dict(self.sizes)
+
+    def _written(self, step: int, slot: Slot | None) -> None:
+        """On the copy thread, after snapshot ``step`` is in ``slot`` (None: the write failed)."""
+        image = None if slot is None else slot.image()
+        if image is not None:
+            self.sizes = {"snapshot_bytes": image.numel()}
+        if self.layout is not None:
+            self._encode_parity(step, slot)
+
+    def _encode_parity(self, step: int, slot: Slot | None) -> None:
+        """Every rank, after writing snapshot ``step`` (``slot``; None: its write failed): the
+        exchange of stripes, then this rank's parity shards into its parity slots."""
+        assert self.layout is not None
+        image = None if slot is None else slot.image()
+        got = exchange_parity(self.layout, self.mesh.rank, image, self.group)
+        if got is None or self.client is None:
+            return  # some rank has no snapshot of this step: no parity for it
+        parity, lengths, size = got
+        tensors = {f"group{g}": t for g, t in parity.items()}
+        meta = {
+            "step": step,
+            "lengths": lengths,
+            "stripe_bytes": size,
+            "ec": self.layout.code_name,
+            "world_size": self.layout.world,
+        }
+        need = required_bytes(tensors, meta)
+        if self.parity is None or min(s.size for s in self.parity.slots) < need:
+            if self.parity is not None:
+                self.parity.close()
+            self.parity = self.client.slots(need, kind="parity")
+        self.parity.write(step, tensors, meta)
+        self.sizes = {"snapshot_bytes": lengths[self.mesh.rank], "snapshot_parity_bytes": len(parity) * size}
+
+    def _join_exchange_without_snapshot(self) -> None:
+        """A rank that takes no snapshot (no agent) still joins the parity exchange the others
+        run, saying it has none (so nobody keeps parity of this step, and nobody waits forever)."""
+        if self.layout is None:
+            return
+        self.wait()
+        layout, rank, group = self.layout, self.mesh.rank, self.group
+        self._exchange = threading.Thread(
+            target=exchange_parity, args=(layout, rank, None, group), name="longtrain-parity", daemon=True
+        )
+        self._exchange.start()
 
     def _capture(self, step: int, state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, tree = flatten(
@@ -168,9 +289,13 @@ class SnapshotCheckpointer:
             self._discard(keep=None)
             return None if disk_path is None else self.disk.load_from(disk_path, state)
         disk_step = -1 if disk_path is None else step_of(disk_path)
-        step = self._agreed_step()
-        if step is not None and step > disk_step:
-            restored = self._restore(step, state)
+        held = self._held()
+        step, skipped = newest_restorable(held, disk_step, self.layout, self.cfg.ec)
+        if self.mesh.is_main:
+            for line in skipped:
+                _say(line)
+        if step is not None:
+            restored = self._restore(step, held, state)
             if restored is not None:
                 return restored
         self._discard(keep=None)
@@ -181,7 +306,7 @@ class SnapshotCheckpointer:
         rank = self.mesh.rank
         sock, slot_paths = agent_paths(self.directory, rank)
         if not sock.exists():
-            return  # a fresh run, or its agent exited after its last step
+            return  # a fresh run, its agent exited after its last step, or its node is gone
         try:
             agent_dir(self.output_dir, self.shm_root)  # still ours and private
             self.client = AgentClient.connect(self.directory, rank)
@@ -189,11 +314,13 @@ class SnapshotCheckpointer:
             _say(f"rank {rank}: cannot reach the snapshot agent ({e}); resuming from disk checkpoints only")
             return
         if self.client is None:
-            _say(
-                f"rank {rank}: the snapshot agent of the previous run is gone; resuming from disk checkpoints only"
-            )
-        elif all(p.is_file() and p.stat().st_size > 0 for p in slot_paths):
+            _say(f"rank {rank}: the snapshot agent of the previous run is gone; its snapshots are lost")
+            return
+        if all(p.is_file() and p.stat().st_size > 0 for p in slot_paths):
             self.lazy = LazySnapshot(SlotPair(slot_paths))
+        held_parity = parity_paths(self.directory, rank)
+        if all(p.is_file() and p.stat().st_size > 0 for p in held_parity):
+            self.parity = SlotPair(held_parity)
 
     def _usable(self) -> list[tuple[int, Slot]]:
         """(step, slot) of this rank's complete slots."""
@@ -201,30 +328,60 @@ class SnapshotCheckpointer:
             return []
         return [(h[2], s) for s in self.lazy.pair.slots if (h := s.header())[0] == COMPLETE]
 
-    def _agreed_step(self) -> int | None:
-        """The newest snapshot step every rank holds (an all-reduce of each rank's two steps)."""
+    def _parity_of(self, step: int) -> Snapshot | None:
+        """This rank's parity of snapshot ``step``, if it holds it, it verifies and it was coded
+        with this run's layout (a run with another checkpoint.ec or number of ranks cannot use it)."""
+        if self.layout is None or self.parity is None:
+            return None
+        slot = self.parity.holding(step)
+        got = None if slot is None else slot.read()
+        if not isinstance(got, Snapshot):
+            return None
+        layout = (got.meta.get("ec"), got.meta.get("world_size"))
+        return got if layout == (self.layout.code_name, self.layout.world) else None
+
+    def _held(self) -> Held:
+        """Per rank: the steps of its complete snapshots and of the parity it holds that verifies
+        (one all-reduce of every rank's two plus two steps)."""
         from longtrain.parallel import all_reduce_sums
 
-        steps = [0.0] * (2 * self.mesh.world_size)  # step + 1 per slot; 0: none
+        n, rank = self.mesh.world_size, self.mesh.rank
+        steps = [0.0] * (4 * n)  # step + 1 per slot; 0: none
         for i, (step, _) in enumerate(self._usable()):
-            steps[2 * self.mesh.rank + i] = step + 1.0
+            steps[4 * rank + i] = step + 1.0
+        parity_steps = (
+            []
+            if self.parity is None
+            else [h[2] for s in self.parity.slots if (h := s.header())[0] == COMPLETE]
+        )
+        for i, step in enumerate(parity_steps):
+            if self._parity_of(step) is not None:
+                steps[4 * rank + 2 + i] = step + 1.0
         totals = all_reduce_sums(steps, self.mesh)
-        held = [{int(s) - 1 for s in totals[2 * r : 2 * r + 2] if s > 0} for r in range(self.mesh.world_size)]
-        common = set.intersection(*held)
-        return max(common) if common else None
+        return [
+            (
+                {int(s) - 1 for s in totals[4 * r : 4 * r + 2] if s > 0},
+                {int(s) - 1 for s in totals[4 * r + 2 : 4 * r + 4] if s > 0},
+            )
+            for r in range(n)
+        ]
 
-    def _restore(self, step: int, state: TrainState) -> Restored | None:
-        """Read snapshot ``step`` on every rank and load it, if every rank's copy verifies."""
+    def _restore(self, step: int, held: Held, state: TrainState) -> Restored | None:
+        """Load snapshot ``step`` on every rank (rebuilding it first where ranks lost it), if every
+        rank's copy verifies."""
         from longtrain.parallel import all_reduce_sum
 
-        slot = next(s for st, s in self._usable() if st == step)
-        got = slot.read()
+        rebuild = not all(step in data for data, _ in held)
+        problem = self._rebuild(step, held) if rebuild else None
+        slot = None if self.lazy is None else self.lazy.pair.holding(step)
+        got: Snapshot | str = problem or ("missing" if slot is None else slot.read())
         problem = got if isinstance(got, str) else self._mismatch(got)
         if all_reduce_sum(problem is not None, self.mesh) > 0:
             if problem is not None:
-                _say(f"rank {self.mesh.rank}: skipping snapshot of step {step} in {slot.path}: {problem}")
+                where = "" if slot is None else f" in {slot.path}"
+                _say(f"rank {self.mesh.rank}: skipping snapshot of step {step}{where}: {problem}")
             return None
-        assert isinstance(got, Snapshot)
+        assert isinstance(got, Snapshot) and slot is not None
         full = unflatten(got.meta["tree"], got.tensors)
         state.model.load_state_dict(full["model"])
         state.optimizer.load_state_dict(full["optimizer"])
@@ -232,7 +389,57 @@ class SnapshotCheckpointer:
         state.data.load_state_dict(full["data"])
         set_rng_state(full["rng"])
         self._discard(keep=slot)
+        if rebuild:  # the lost ranks' parity is gone too: code this snapshot again
+            self._encode_parity(step, slot)
         return Restored(step=step, data_state=full["data"], path=slot.path, source="agent memory")
+
+    def _rebuild(self, step: int, held: Held) -> str | None:
+        """Every rank: give the ranks that lost snapshot ``step`` what they need, and on those
+        ranks rebuild it into a slot of a new agent. Returns what went wrong on this rank."""
+        assert self.layout is not None
+        n, rank = self.mesh.world_size, self.mesh.rank
+        have_data = [step in data for data, _ in held]
+        have_parity = [step in parity for _, parity in held]
+        start = time.perf_counter()
+        mine = self._parity_of(step) if have_parity[rank] else None
+        # image lengths and stripe size, as the lowest rank holding parity of this step recorded them
+        info = torch.zeros(n + 1, dtype=torch.int64)
+        if rank == have_parity.index(True):
+            assert mine is not None
+            info[:n] = torch.tensor(mine.meta["lengths"])
+            info[n] = mine.meta["stripe_bytes"]
+        dist.all_reduce(info, group=self.group)
+        lengths, size = info[:n].tolist(), int(info[n])
+        own = self.lazy.pair.holding(step) if have_data[rank] and self.lazy is not None else None
+        rebuilt = exchange_rebuild(
+            self.layout,
+            rank,
+            have_data,
+            have_parity,
+            None if own is None else own.image(),
+            None if mine is None else {int(k.removeprefix("group")): t for k, t in mine.tensors.items()},
+            lengths,
+            size,
+            self.group,
+        )
+        if rebuilt is None:
+            return None
+        try:
+            if self.client is None:
+                directory = agent_dir(self.output_dir, self.shm_root)
+                self.client = AgentClient.start(directory, rank, AGENT_IDLE_EXIT_S)
+            pair = self.client.slots(rebuilt.numel() + rebuilt.numel() // 4 + 4096)
+        except (AgentError, OSError) as e:
+            return f"no snapshot agent to hold it after rebuilding it ({e})"
+        if self.lazy is not None:
+            self.lazy.pair.close()
+        self.lazy = LazySnapshot(pair)
+        pair.slots[0].write_image(rebuilt)
+        _say(
+            f"rank {rank}: rebuilt the snapshot of step {step} ({rebuilt.numel()} bytes) from the other "
+            f"ranks' snapshots and parity ({self.layout.code_name}) in {time.perf_counter() - start:.2f} s"
+        )
+        return None
 
     def _mismatch(self, snap: Snapshot) -> str | None:
         if snap.meta.get("model_config") != self.model_config:
@@ -242,8 +449,14 @@ class SnapshotCheckpointer:
         return None
 
     def _discard(self, keep: Slot | None) -> None:
+        """Empty every snapshot slot but ``keep`` and every parity slot of another step than its."""
         for _, slot in self._usable():
             if slot is not keep:
+                slot.discard()
+        kept_step = None if keep is None else keep.header()[2]
+        for slot in () if self.parity is None else self.parity.slots:
+            state, _, step, *_ = slot.header()
+            if state == COMPLETE and step != kept_step:
                 slot.discard()
 
     # ------------------------------------------------------------------ closing
@@ -257,6 +470,9 @@ class SnapshotCheckpointer:
             if self.lazy is not None:
                 self.lazy.pair.close()
                 self.lazy = None
+            if self.parity is not None:
+                self.parity.close()
+                self.parity = None
             if self.client is not None:
                 try:
                     if self.finished:

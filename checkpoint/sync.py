@@ -241,6 +241,7 @@ class SyncCheckpointer:
         self.is_main = mesh.is_main
         self.model_config = model_config
         self.sharded = sharded
+        self.saved_step: int | None = None  # the step of the last checkpoint this run wrote
 
     def should_save(self, step: int, total_steps: int) -> bool:
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == total_steps)
@@ -249,6 +250,14 @@ class SyncCheckpointer:
         self.write(step, state.model, state.optimizer, state.scheduler, state.data.state_dict())
         if self.mesh.distributed:  # no rank runs ahead (and may crash) before rank 0's save is complete
             torch.distributed.barrier()
+        self.saved_step = step
+
+    def persist(self, step: int, state: TrainState) -> Path | None:
+        if not self.cfg.enabled:
+            return None
+        if self.saved_step != step:
+            self.save(step, state)
+        return _step_dir(self.root, step)
 
     def wait(self) -> None:
         """Nothing to wait for: ``save`` returns after the files are written."""
@@ -273,6 +282,9 @@ class SyncCheckpointer:
         restored = self.read(path, state.model, state.optimizer, state.scheduler)
         state.data.load_state_dict(restored.data_state)
         return restored
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         """Nothing to release: no threads, no processes."""

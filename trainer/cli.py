@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .compose import available_recipes, compose, to_yaml
@@ -176,17 +177,27 @@ def _launch(recipe: str, overrides: list[str], nproc: int) -> int:
         return _fail(f"--nproc must be >= 1, got {nproc}")
     try:
         cfg = compose(recipe, overrides)  # fail fast, once, before starting processes
+        cfg.checkpoint.check_ranks(nproc)
         if cfg.planner.auto:  # planned once here: the ranks run the written file
             overrides = planned_overrides(recipe, overrides, cfg)
     except USER_ERRORS as e:
         return _fail(str(e))
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "longtrain.trainer", recipe, *overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         torchrun.main(args)
+    except SignalException as e:  # torchrun passed it on to the ranks, which save and stop
+        print(
+            f"longtrain: stopped by {signal.Signals(e.sigval).name}; re-run the same command to continue",
+            file=sys.stderr,
+        )
+        return 128 + int(e.sigval)
     except Exception as e:  # ChildFailedError: rank 0 already printed the error
         codes = {f.exitcode for f in getattr(e, "failures", {}).values()}
-        if codes == {2}:
+        stopped = {-signal.SIGTERM, -signal.SIGKILL}  # ranks torchrun stopped once one had failed
+        if 2 in codes and codes <= {2, *stopped}:
             return 2  # a user error, reported in one line by rank 0
         print(
             f"longtrain: error: a training process failed ({type(e).__name__}); see its output above",

@@ -66,6 +66,7 @@ from .metrics import MetricsWriter, detect_peak_flops, model_flops_per_token, pe
 from .model.adapter import CausalLM, adapt
 from .model.attention import build_attention_backend
 from .model.hf import build_hf_model, head_dim_of
+from .preemption import Preemption
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -224,6 +225,7 @@ class StepResult:
     model_flops: float  # over all ranks
     busy_s: list[float]  # per rank: seconds of its forwards and backwards
     stats: dict[str, float]  # the plan's figures (mode hdp)
+    preempted: bool = False  # some rank got SIGTERM before this step's totals were summed
 
     def balance(self) -> dict[str, Any]:
         """Per-rank busy time and its imbalance (max / mean)."""
@@ -251,6 +253,7 @@ class Job:
     checkpointer: Checkpointer
     start_step: int
     val_rows: PackedRows | None = None
+    preemption: Preemption = dataclasses.field(default_factory=Preemption)
 
     def autocast(self):
         if self.cfg.train.dtype == "bfloat16":
@@ -289,7 +292,9 @@ class Job:
         lr = self.optimizer.param_groups[0]["lr"]  # before scheduler.step() moves it to the next step's
         grad_norm = self.optimizer.clip_and_step()  # clip to optim.grad_clip, update, drop the gradients
         self.scheduler.step()
-        loss_sum, flops, busy_s = all_reduce_step_totals(loss_sum, flops, busy, mesh)
+        loss_sum, flops, busy_s, preempted = all_reduce_step_totals(
+            loss_sum, flops, busy, self.preemption.requested, mesh
+        )
         return StepResult(
             loss=loss_sum / max(num_tokens, 1),
             grad_norm=grad_norm,
@@ -299,6 +304,7 @@ class Job:
             model_flops=flops,
             busy_s=busy_s,
             stats=step.stats,
+            preempted=preempted,
         )
 
     @torch.no_grad()
@@ -354,6 +360,18 @@ class Job:
         self.optimizer.close()
         shutdown(self.mesh)
 
+    def _stop_preempted(self, step: int) -> None:
+        """After a SIGTERM (every rank, the same step): a checkpoint of this step, then stop."""
+        path = self.checkpointer.persist(step, self.state)
+        if self.mesh.is_main:
+            saved = (
+                f"saved a checkpoint of it to {path}" if path else "nothing saved (checkpoint.enabled=false)"
+            )
+            print(
+                f"longtrain: preempted (SIGTERM): stopped after step {step}, {saved}; re-run the same command to continue",
+                flush=True,
+            )
+
     def run(self) -> list[dict[str, Any]]:
         """Train from ``start_step`` to ``train.steps``; returns the logged metric dicts."""
         cfg, mesh = self.cfg, self.mesh
@@ -377,61 +395,67 @@ class Job:
         total_tokens = self.start_step * self.batches.tokens_per_step
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         try:
-            for step in range(self.start_step + 1, cfg.train.steps + 1):
-                result = self.train_step(next(self.batches))
-                total_tokens += result.seen_tokens
-                window_tokens += result.seen_tokens
-                window_flops += result.model_flops
-                if result.num_tokens == 0:
-                    writer.warn(
-                        f"step {step} had no loss tokens on any rank (loss 0, zero gradients): its "
-                        "micro-batches hold only document starts and padding"
-                    )
-                last = step == cfg.train.steps
-                metrics: dict[str, Any] = {}
-                if step % cfg.train.log_every == 0 or last:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {
-                        "step": step,
-                        "loss": result.loss,
-                        "lr": result.lr,
-                        "grad_norm": result.grad_norm,
-                        "tokens": total_tokens,
-                        "loss_tokens": result.num_tokens,
-                        "tokens_per_s": window_tokens / elapsed,
-                        "mfu": window_flops / elapsed / (peak * mesh.world_size),
-                        "mem_peak_bytes": peak_memory_bytes(mesh.device),
-                        **self.model.layer_executor_stats(),
-                        **self.optimizer.stats(),
-                    }
-                    if cfg.parallel.mode != "dp":
-                        metrics.update(result.balance())
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-                if self.val_rows is not None and (
-                    last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-                ):
-                    eval_start = time.perf_counter()
-                    metrics = {"step": step, **metrics, **self.evaluate()}
-                    window_start += time.perf_counter() - eval_start  # not training throughput
-                if metrics:
-                    writer.log(metrics)
-                    logged.append(metrics)
-                writer.step_done()  # after log: the bar's frame for this step shows this step's metrics
-                if self.checkpointer.should_save(step, cfg.train.steps):
-                    self.checkpointer.save(step, self.state)
+            with self.preemption:  # SIGTERM: stop after the step all ranks agree on, saved
+                for step in range(self.start_step + 1, cfg.train.steps + 1):
+                    result = self.train_step(next(self.batches))
+                    total_tokens += result.seen_tokens
+                    window_tokens += result.seen_tokens
+                    window_flops += result.model_flops
+                    if result.num_tokens == 0:
+                        writer.warn(
+                            f"step {step} had no loss tokens on any rank (loss 0, zero gradients): its "
+                            "micro-batches hold only document starts and padding"
+                        )
+                    last = step == cfg.train.steps
+                    metrics: dict[str, Any] = {}
+                    if step % cfg.train.log_every == 0 or last:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        metrics = {
+                            "step": step,
+                            "loss": result.loss,
+                            "lr": result.lr,
+                            "grad_norm": result.grad_norm,
+                            "tokens": total_tokens,
+                            "loss_tokens": result.num_tokens,
+                            "tokens_per_s": window_tokens / elapsed,
+                            "mfu": window_flops / elapsed / (peak * mesh.world_size),
+                            "mem_peak_bytes": peak_memory_bytes(mesh.device),
+                            **self.model.layer_executor_stats(),
+                            **self.optimizer.stats(),
+                            **self.checkpointer.stats(),
+                        }
+                        if cfg.parallel.mode != "dp":
+                            metrics.update(result.balance())
+                        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                    if self.val_rows is not None and (
+                        last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+                    ):
+                        eval_start = time.perf_counter()
+                        metrics = {"step": step, **metrics, **self.evaluate()}
+                        window_start += time.perf_counter() - eval_start  # not training throughput
+                    if metrics:
+                        writer.log(metrics)
+                        logged.append(metrics)
+                    writer.step_done()  # after log: the bar's frame for this step shows this step's metrics
+                    if self.checkpointer.should_save(step, cfg.train.steps):
+                        self.checkpointer.save(step, self.state)
+                    if result.preempted and not last:
+                        self._stop_preempted(step)
+                        break
         finally:
             writer.close()
         return logged
 
 
 def all_reduce_step_totals(
-    loss_sum: float, flops: float, busy: float, mesh: Mesh
-) -> tuple[float, float, list[float]]:
-    """The loss sum and FLOPs over all ranks, and every rank's busy seconds, in one collective."""
+    loss_sum: float, flops: float, busy: float, preempted: bool, mesh: Mesh
+) -> tuple[float, float, list[float], bool]:
+    """The loss sum and FLOPs over all ranks, every rank's busy seconds, and whether any rank was
+    preempted (SIGTERM), in one collective."""
     busy_slots = [0.0] * mesh.world_size
     busy_slots[mesh.rank] = busy
-    totals = all_reduce_sums([loss_sum, flops, *busy_slots], mesh)
-    return totals[0], totals[1], totals[2:]
+    totals = all_reduce_sums([loss_sum, flops, float(preempted), *busy_slots], mesh)
+    return totals[0], totals[1], totals[3:], totals[2] > 0
 
 
 def wandb_run_id(output_dir: str) -> str:

@@ -121,3 +121,16 @@ def test_build_checkpointer_picks_snapshots_only_when_asked(tmp_path, monkeypatc
         made = build_checkpointer(cfg, mesh, None, sharding)  # type: ignore[arg-type]
         assert isinstance(made, SnapshotCheckpointer) == snapshots
         made.close()
+
+
+def test_an_rs_code_that_does_not_span_the_ranks_is_one_line_before_launch(tmp_path, capsys):
+    from longtrain.trainer.cli import main
+
+    args = ["train", "tiny_cpu", "--nproc", "3", "checkpoint.snapshot_every=2", f"output_dir={tmp_path}"]
+    assert main([*args, "checkpoint.ec=rs:4+2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "longtrain: error: checkpoint.ec=rs:4+2 spreads 6 shards over as many ranks, this run has 3; "
+        "set checkpoint.ec to rs:1+2, xor or none"
+    ]
+    CheckpointConfig(snapshot_every=2, ec="rs:2+1").check_ranks(3)  # spans them: fine
+    CheckpointConfig(ec="rs:4+2").check_ranks(3)  # no snapshots: the code is not used
