@@ -274,6 +274,7 @@ class EngineCheckpointer:
     def __init__(self, disk: Any, engine: Any, mesh: Mesh):
         """``disk``: the run's ``SyncCheckpointer`` (its config, directory, manifest rules)."""
         self.disk, self.engine, self.mesh = disk, engine, mesh
+        self.saved_step: int | None = None
 
     def should_save(self, step: int, total_steps: int) -> bool:
         return bool(self.disk.should_save(step, total_steps))
@@ -319,6 +320,21 @@ class EngineCheckpointer:
             _fsync(self.disk.root)
             self.disk.prune()
         torch.distributed.barrier()
+        self.saved_step = step
+
+    def persist(self, step: int, state: Any) -> Any:
+        """Write step ``step`` now (preemption), unless it was just saved; its directory, or None
+        when checkpoints are off."""
+        from longtrain.checkpoint.sync import _step_dir
+
+        if not self.disk.cfg.enabled:
+            return None
+        if self.saved_step != step:
+            self.save(step, state)
+        return _step_dir(self.disk.root, step)
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     def wait(self) -> None:
         """Nothing to wait for: ``save`` returns after the files are written."""
