@@ -115,7 +115,7 @@ def test_build_checkpointer_picks_snapshots_only_when_asked(tmp_path, monkeypatc
 
     monkeypatch.setattr(train_module, "architecture", lambda model: {})
     mesh = Mesh(rank=0, world_size=1, dp_rank=0, dp_size=1, device=torch.device("cpu"))
-    sharding = type("Sharding", (), {"sharded": False})()
+    sharding = type("Sharding", (), {"sharded": False, "optimizer": None})()
     for every, snapshots in (("null", False), ("2", True)):
         cfg = compose("tiny_cpu", [f"checkpoint.snapshot_every={every}", f"output_dir={tmp_path}"])
         made = build_checkpointer(cfg, mesh, None, sharding)  # type: ignore[arg-type]
