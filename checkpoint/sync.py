@@ -324,7 +324,14 @@ class SyncCheckpointer:
             "model_config": self.model_config,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        self.seal(tmp, final, step)
+        return final
+
+    def seal(self, tmp: Path, final: Path, step: int) -> None:
+        """Make the written directory ``tmp`` checkpoint ``final``: every file under it (subdirectories
+        included) fsynced and listed with its size and checksum in the manifest, written last, then
+        an atomic rename and the pruning of old checkpoints."""
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         for name in files:
             _fsync(tmp / name)
         checksums = {name: file_checksum(tmp / name) for name in files}
@@ -334,7 +341,6 @@ class SyncCheckpointer:
         tmp.rename(final)
         _fsync(self.root)  # make the rename itself durable
         self.prune()
-        return final
 
     def prune(self) -> None:
         """Delete the oldest complete checkpoints beyond checkpoint.keep."""

@@ -283,7 +283,7 @@ class EngineCheckpointer:
         import deepspeed
         from safetensors.torch import save_file
 
-        from longtrain.checkpoint.sync import CHECKSUM, MANIFEST, _fsync, _step_dir, _unshared, file_checksum
+        from longtrain.checkpoint.sync import _step_dir, _unshared
 
         final = _step_dir(self.disk.root, step)
         tmp = final.with_name(final.name + ".tmp")
@@ -309,16 +309,7 @@ class EngineCheckpointer:
                 "deepspeed_world_size": self.mesh.world_size,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            for name in files:
-                _fsync(tmp / name)
-            checksums = {name: file_checksum(tmp / name) for name in files}
-            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, CHECKSUM: checksums}))
-            _fsync(tmp / MANIFEST)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            _fsync(self.disk.root)
-            self.disk.prune()
+            self.disk.seal(tmp, final, step)
         torch.distributed.barrier()
         self.saved_step = step
 
