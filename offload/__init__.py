@@ -16,6 +16,7 @@ alpha="auto" uses, for a benchmark or planner to size a budget.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from longtrain.config_checks import ConfigError
 from longtrain.trainer.model.adapter import CausalLM, LayerExecutor, PlainExecutor, adapt
 
+from .alpha_record import AlphaRecord
 from .config import ActivationConfig
 from .copy_engine import build_copy_engine
 from .heap import build_heap_trimmer
@@ -62,26 +64,31 @@ def _as_config(cfg: ActivationConfig | dict[str, Any] | None) -> ActivationConfi
 
 
 def apply_activation_memory(
-    model: nn.Module, cfg: ActivationConfig | ActivationPlan | dict[str, Any] | None
+    model: nn.Module,
+    cfg: ActivationConfig | ActivationPlan | dict[str, Any] | None,
+    alpha_record: str | Path | None = None,
 ) -> CausalLM:
     """Install the activation-memory technique ``cfg`` describes on ``model`` (adapted first if it
     is a plain HF model; the adapted model shares its parameters) and return the model. A rejected
-    config raises ConfigError and leaves the model's executor as it was."""
+    config raises ConfigError and leaves the model's executor as it was. ``alpha_record``: a JSON
+    file where alpha="auto" keeps what it resolves and reads it back in a later process of the same
+    job (``alpha_record.py``), so a resumed run computes the first run's floats."""
     lm = adapt(model)
     device = next(lm.parameters()).device
     executor: LayerExecutor
     if isinstance(cfg, ActivationPlan):
         cfg.check_layer_count(lm.num_layers)
-        executor = _plan_executor(cfg, cfg.tiers(), lm, device)
+        executor = _plan_executor(cfg, cfg.tiers(), lm, device, alpha_record)
     else:
         cfg = _as_config(cfg)
         if cfg.plan is not None:
             plan = load_plan(cfg, lm.num_layers)
-            executor = _plan_executor(plan, plan.tiers(), lm, device)
+            executor = _plan_executor(plan, plan.tiers(), lm, device, alpha_record)
         elif cfg.mode == "tokenwise":
             # a uniform config opens its tier even when every layer is kept, so a bad
             # activation.file_dir fails now, not on the day keep_last is lowered
-            executor = _plan_executor(ActivationPlan.from_config(cfg, lm.num_layers), [cfg.tier], lm, device)
+            plan = ActivationPlan.from_config(cfg, lm.num_layers)
+            executor = _plan_executor(plan, [cfg.tier], lm, device, alpha_record)
         else:
             executor = _baseline(cfg, device)
     lm.layer_executor.close()  # the previous executor's copy threads and file-tier file
@@ -101,7 +108,11 @@ def _baseline(cfg: ActivationConfig, device: torch.device) -> LayerExecutor:
 
 
 def _plan_executor(
-    plan: ActivationPlan, tiers: list[str], lm: CausalLM, device: torch.device
+    plan: ActivationPlan,
+    tiers: list[str],
+    lm: CausalLM,
+    device: torch.device,
+    alpha_record: str | Path | None = None,
 ) -> TokenwiseExecutor:
     """One store (behind the emulated link, if any) and copy engine per tier in ``tiers`` (those of
     the plan's tokenwise layers at least); alpha="auto" layers resolved on the first step of every
@@ -120,8 +131,28 @@ def _plan_executor(
     engines = {tier: build_copy_engine(store, device) for tier, store in stores.items()}
     executor = TokenwiseExecutor(engines, plan, trimmer)
     if any(layer.mode == "tokenwise" and layer.alpha == "auto" for layer in plan.layers):
-        executor.alpha_resolver = lambda layers, x, ctx: auto_alphas(plan, layers, x, ctx, stores)
+        record = None if alpha_record is None else AlphaRecord(alpha_record, _record_key(plan, lm, device))
+
+        def resolve(
+            layers: list[Any], x_th: torch.Tensor, ctx: Any
+        ) -> tuple[list[float | str], dict[str, Any]]:
+            kept = None if record is None else record.get(x_th.shape[0])
+            if kept is not None:
+                return kept, {}
+            alphas, profiles = auto_alphas(plan, layers, x_th, ctx, stores)
+            if record is not None:
+                record.put(x_th.shape[0], alphas)
+            return alphas, profiles
+
+        executor.alpha_resolver = resolve
     return executor
+
+
+def _record_key(plan: ActivationPlan, lm: CausalLM, device: torch.device) -> dict[str, Any]:
+    """What recorded alphas were resolved for: the plan, the device and one layer's parameters."""
+    layer = lm.layer_parts[0].module
+    params = {name: [list(p.shape), str(p.dtype)] for name, p in layer.named_parameters()}
+    return {"plan": asdict(plan), "device": device.type, "layers": lm.num_layers, "layer": params}
 
 
 def activation_stats(model: CausalLM) -> dict[str, float]:

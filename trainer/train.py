@@ -170,7 +170,9 @@ def build_model(cfg: JobConfig, mesh: Mesh, vocab_size: int) -> CausalLM:
     activation = cfg.activation
     if activation.file_dir is None:
         activation = dataclasses.replace(activation, file_dir=str(Path(cfg.output_dir) / "activation_swap"))
-    return apply_activation_memory(model, activation)
+    # alpha=auto: each rank keeps what it resolves, so a resume computes the first run's floats
+    record = Path(cfg.output_dir) / f"activation_alpha.rank{mesh.rank}.json"
+    return apply_activation_memory(model, activation, alpha_record=record)
 
 
 def build_optimizer(cfg: JobConfig, mesh: Mesh, model: CausalLM, sharding: Sharding):

@@ -30,9 +30,10 @@ RUN = [
     "optim.warmup_steps=2",
     "checkpoint.every=100",  # on disk only after the last step
     "checkpoint.snapshot_every=2",
-    # a fixed alpha: alpha=auto is measured by each process from timings, and with tiles cut at the
-    # token-wise row an fp32 forward's floats depend on the cut, so two processes that measure
-    # different alphas (the uninterrupted run and the resumed one) are not bit-identical
+    # a fixed alpha: alpha=auto is measured from timings and the fp32 forward's floats depend on
+    # the row it cuts at. A resume reads the alpha its first run recorded (activation_alpha.rank*.json
+    # in output_dir, test_tokenwise), but the uninterrupted reference run here is another job, in
+    # another output_dir, and would measure its own
     "activation.alpha=0.5",
 ]
 

@@ -14,6 +14,7 @@ Oracles:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -529,6 +530,65 @@ def test_auto_alpha_resolves_and_profiles():
     assert (prof.whole_bytes_per_token, prof.row_bytes_per_token) == (whole, rows)
     assert_grads_equal(grads, ref)
     close(model)
+
+
+def test_auto_alpha_is_recorded_and_read_back_by_a_later_process(tmp_path, monkeypatch):
+    """alpha="auto" with an alpha record: the first model measures and writes the alphas of its
+    length; a second model of the same job (a resumed run) reads them instead of measuring, so it
+    cuts the same rows, and its loss and gradients are the first one's bit for bit."""
+    path = tmp_path / "alpha.json"
+    ids = ids_of(64)
+    first = apply_activation_memory(tiny_model(), tokenwise("auto"), alpha_record=path)
+    loss1, grads1, stats1, _ = forward_backward(first, ids)
+    close(first)
+    saved = json.loads(path.read_text())
+    assert saved["alphas"]["64"][0] == stats1["alpha"]
+    # what the second process would measure differs (another machine's load): make it differ
+    saved["alphas"]["64"] = [
+        0.25 if a != "auto" and i < 3 else a for i, a in enumerate(saved["alphas"]["64"])
+    ]
+    path.write_text(json.dumps(saved))
+    measured = []
+    monkeypatch.setattr(
+        profile, "measure", lambda *a, **k: measured.append(1) or pytest.fail("measured again")
+    )
+    second = apply_activation_memory(tiny_model(), tokenwise("auto"), alpha_record=path)
+    _, _, stats2, _ = forward_backward(second, ids)
+    assert stats2["alpha"] == 0.25 and stats2["offload_rows_per_layer"] == 16 and not measured
+    close(second)
+    # the same alphas as recorded: the same floats
+    saved["alphas"]["64"] = [
+        stats1["alpha"] if a != "auto" and i < 3 else a for i, a in enumerate(saved["alphas"]["64"])
+    ]
+    path.write_text(json.dumps(saved))
+    third = apply_activation_memory(tiny_model(), tokenwise("auto"), alpha_record=path)
+    loss3, grads3, _, _ = forward_backward(third, ids)
+    assert torch.equal(loss3, loss1)
+    assert_grads_equal(grads3, grads1)
+    close(third)
+
+
+def test_an_alpha_record_of_another_job_is_measured_over(tmp_path):
+    """A record written for another plan (here another tier budget) is not read: the alphas are
+    measured and the file rewritten for this job."""
+    path = tmp_path / "alpha.json"
+    model = apply_activation_memory(
+        tiny_model(), tokenwise("auto", host_budget_bytes=2**40), alpha_record=path
+    )
+    forward_backward(model, ids_of(64))
+    close(model)
+    saved = json.loads(path.read_text())
+    saved["alphas"]["64"] = [0.25 if a != "auto" else a for a in saved["alphas"]["64"]]
+    path.write_text(json.dumps(saved))
+    model = apply_activation_memory(
+        tiny_model(), tokenwise("auto", host_budget_bytes=2**41), alpha_record=path
+    )
+    _, _, stats, _ = forward_backward(model, ids_of(64))
+    close(model)
+    assert model.layer_executor.profile is not None  # measured
+    rewritten = json.loads(path.read_text())
+    assert rewritten["for"]["plan"]["host_budget_bytes"] == 2**41
+    assert rewritten["alphas"]["64"][0] == stats["alpha"]
 
 
 def test_auto_alpha_respects_the_host_budget(monkeypatch):
