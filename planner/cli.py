@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from longtrain.config_checks import ConfigError
 
 from .decide import Fixed, Plan, max_seq_len, search
-from .estimate import Job, ModelShape, format_bytes
+from .estimate import PHASES, Job, ModelShape, format_bytes
 from .hardware import Hardware, hardware
+from .step_arena import plan_step
 
 if TYPE_CHECKING:
     from .profile import StepTimes
@@ -192,6 +193,9 @@ def plan_job(
     best = search(shape, job, hw, gpus, fixed, times=times)
     longest = max_seq_len(shape, job, hw, gpus, fixed)
     est = best.estimate
+    step = plan_step(shape, best.layout, job, best.layers)
+    # the model states stay outside the arena, allocated once
+    states = sum(v for k, v in est.mem_bytes.items() if "." not in k and k not in PHASES)
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
     result: dict[str, Any] = {
         "fits": best.fits,
@@ -204,7 +208,8 @@ def plan_job(
         "alpha": [c.alpha if c.mode == "tokenwise" else None for c in best.layers],
         "tiers": [c.tier if c.mode == "tokenwise" else None for c in best.layers],
         "tile_rows": [c.tile_rows for c in best.layers],
-        "mem_bytes": est.mem_bytes,
+        "mem_bytes": {**est.mem_bytes, "arena_peak": step.peak, "arena_fragmentation": step.fragmentation},
+        "arena": {**step.summary(), "level": 2, "device_bytes": states + step.peak, "blocks": "cost model"},
         "device_bytes": est.device_bytes,
         "device_capacity_bytes": hw.usable_device_bytes,
         "host_bytes_per_node": est.host_bytes_per_node,
@@ -226,7 +231,10 @@ def plan_job(
 def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
     lay = result["layout"]
     mem = result["mem_bytes"]
-    device = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." not in k and v)
+    device = ", ".join(
+        f"{k} {format_bytes(v)}" for k, v in mem.items() if "." not in k and not k.startswith("arena") and v
+    )
+    arena = result["arena"]
     off = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." in k and v)
     modes: dict[tuple[Any, ...], int] = {}
     for m, a, tier, r in zip(
@@ -250,6 +258,10 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"layout: context parallel {lay['cp']}, shard {lay['shard']}, optimizer state on {lay['optim_tier']}",
             f"per device: {device}; total {format_bytes(result['device_bytes'])} of "
             f"{format_bytes(result['device_capacity_bytes'])} usable",
+            f"arena (level 2, {arena['tensors']} tensors around one block per layer pass): peak "
+            f"{format_bytes(arena['peak'])}, {format_bytes(arena['fragmentation'])} above the bytes live "
+            f"at once ({arena['method']}, {arena['solve_s']:.2f} s); with the model states "
+            f"{format_bytes(arena['device_bytes'])}",
             f"off the device (per device): {off or 'nothing'}; per node host "
             f"{format_bytes(result['host_bytes_per_node'])} of {format_bytes(hw.host_bytes)}, file "
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",

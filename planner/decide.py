@@ -334,7 +334,7 @@ def _tokenwise_plan(
 
         alphas = {tier: a for tier, (a, _) in choice.items()}
         seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
-        if not first:
+        if not first and n_off:
             # the topmost token-wise layer's copies at the turn from forward to backward
             # (estimate.turnaround_seconds) depend on its tier's alpha: that alpha is the best of
             # the tier's own candidates and the turnaround's kink (the step is piecewise linear
