@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longtrain.config_checks import ConfigError
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, help="number of GPUs (default: the recipe's world size, else 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--write", metavar="FILE", help="write the activation.plan file here")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="draw the arena layout and the per-layer alpha / mode / tier here"
+    )
 
 
 def _split_overrides(
@@ -228,6 +232,22 @@ def plan_job(
     return cfg, best, result, hw, gpus
 
 
+def _layers_line(result: dict[str, Any]) -> str:
+    """The layers grouped by (mode, alpha, tier, tile_rows), bottom up."""
+    modes: dict[tuple[Any, ...], int] = {}
+    for m, a, tier, r in zip(
+        result["modes"], result["alpha"], result["tiers"], result["tile_rows"], strict=True
+    ):
+        key = (m, a, tier, r)
+        modes[key] = modes.get(key, 0) + 1
+    return "; ".join(
+        f"{n} x {m}"
+        + (f" alpha {a:.4f} on {tier}" if m == "tokenwise" else "")
+        + (f" tile_rows {r}" if r else "")
+        for (m, a, tier, r), n in modes.items()
+    )
+
+
 def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
     lay = result["layout"]
     mem = result["mem_bytes"]
@@ -236,18 +256,7 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
     )
     arena = result["arena"]
     off = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." in k and v)
-    modes: dict[tuple[Any, ...], int] = {}
-    for m, a, tier, r in zip(
-        result["modes"], result["alpha"], result["tiers"], result["tile_rows"], strict=True
-    ):
-        key = (m, a, tier, r)
-        modes[key] = modes.get(key, 0) + 1
-    layers = "; ".join(
-        f"{n} x {m}"
-        + (f" alpha {a:.4f} on {tier}" if m == "tokenwise" else "")
-        + (f" tile_rows {r}" if r else "")
-        for (m, a, tier, r), n in modes.items()
-    )
+    layers = _layers_line(result)
     verdict = (
         "fits" if result["fits"] else f"does NOT fit (over: {result['over_bytes']}); {result['suggestion']}"
     )
@@ -280,8 +289,6 @@ def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardwa
     ``hardware_name``, the recipe's world size), write the plan to ``output_dir``/plan.json and
     return the overrides that run it, the user's ``overrides`` last so a key set there stays as
     set. A plan that does not fit is a one-line error with the smallest change that would."""
-    from pathlib import Path
-
     if any(item.partition("=")[0].lstrip("+~") == "activation.plan" for item in overrides):
         raise ConfigError(
             "planner.auto=true writes activation.plan itself; drop activation.plan or planner.auto"
@@ -301,8 +308,25 @@ def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardwa
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan; write the plan file with ``--write``. Exit status 0 when it fits, 1 when not."""
-    cfg, best, result, hw, _gpus = plan_job(args.recipe, args.overrides, args.gpus)
+    """Print the plan; write the plan file with ``--write`` and its picture with ``--plot``. Exit
+    status 0 when it fits, 1 when not."""
+    from .plot import check_writable, plan_png
+
+    if args.plot and (why := check_writable(args.plot)):
+        raise ConfigError(f"--plot {args.plot}: {why}")
+    cfg, best, result, hw, gpus = plan_job(args.recipe, args.overrides, args.gpus)
+    if args.plot:
+        job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
+        step = plan_step(_shape(cfg), best.layout, job, best.layers)
+        title = (
+            f"{args.recipe} on {gpus} x {hw.name}, seq_len {result['seq_len']}: "
+            f"{'fits' if result['fits'] else 'does not fit'}, step {result['predicted_step_s']:.3g} s"
+        )
+        try:
+            Path(args.plot).write_bytes(plan_png(result, step, _layers_line(result), title))
+        except OSError as e:
+            raise ConfigError(f"--plot {args.plot}: {e.strerror or e}") from None
+        result["plot_file"] = args.plot
     if args.write:
         best.write(args.write)
         result["plan_file"] = args.write
