@@ -155,9 +155,10 @@ def draw_layers(canvas: Canvas, result: dict, box: tuple[int, int, int, int]) ->
         key = f"tokenwise {tier}" if mode == "tokenwise" else mode
         height = (alpha if mode == "tokenwise" else 1.0) * (y1 - y0)
         left, right = x0 + i * dx + (1 if dx > 4 else 0), x0 + (i + 1) * dx - (1 if dx > 4 else 0)
-        canvas.rect(left, y1 - max(height, 2), right, y1, MODE_COLOURS.get(key, GREY))
+        height = max(height, 4)  # alpha 0 still shows its colour
+        canvas.rect(left, y1 - height, right, y1, MODE_COLOURS.get(key, GREY))
         if rows:
-            canvas.rect(left, y1 - max(height, 2) - 3, right, y1 - max(height, 2), BLACK)
+            canvas.rect(left, y1 - height - 3, right, y1 - height, BLACK)
     canvas.frame(x0, y0, x1, y1, BLACK)
     canvas.text(x0 - 2 * CHAR_W, y0, "1")
     canvas.text(x0 - 2 * CHAR_W, y1 - 10, "0")
