@@ -15,7 +15,7 @@ planning", MEMO §4.3), and the step's other device tensors are placed around th
                  end of B_i
     swap         a token-wise (or offload) layer's offloaded bytes stay on the device until their
                  copy completes (``swap_bytes``); offload/tokenwise.py lets two layers' copies be
-                 in flight, so until F_i+2 starts (the last two layers': into the loss slot)
+                 in flight, so until F_i+2 starts (the last layer's: through the loss slot)
     loss         the final hidden states and their gradient, two fp32 [chunk, V] logits blocks
                  (estimate's ``loss`` less the LM-head gradient, placed with the gradients)
     prefetch     the whole tensors and first head rows of a token-wise layer, read back from its
@@ -113,8 +113,8 @@ def forward_block_bytes(shape: ModelShape, t: int, c: LayerChoice) -> int:
 
 def swap_bytes(shape: ModelShape, t: int, c: LayerChoice) -> int:
     """A token-wise layer's bytes still on the device when its forward ends: its whole tensors and
-    head rows (untiled), or the head rows of the last two tiles (tiled: offload/tokenwise.py lets
-    two tiles' copies be in flight)."""
+    its head rows, at most two tiles of them when tiled (offload/tokenwise.py lets two tiles'
+    copies be in flight)."""
     if c.mode == "offload":
         return activation_offloaded_bytes(shape, t, c)
     a = split_row(c.alpha, t)
@@ -137,8 +137,7 @@ def step_tensors(
     e, h = shape.dtype_bytes, shape.hidden
     mem = memory_bytes(shape, layout, job, layers)
     ring = mem["cp_buffers"]
-    loss_slot, emb_bwd, opt = n + 1, 2 * n + 2, 2 * n + 3
-    end = 2 * n + 4
+    loss_slot, emb_bwd, end = n + 1, 2 * n + 2, 2 * n + 4  # 2n + 3: the optimizer
 
     def fwd(i: int) -> int:  # slot of F_i (F_n: the loss)
         return 1 + i
@@ -182,7 +181,7 @@ def step_tensors(
         for i in range(n):
             add("grads", i, 4 * shape.layer_params, bwd(i), end)
         add("grads", None, 4 * embedding, emb_bwd, end)
-    assert all(it.item.end <= end for it in out) and opt < end
+    assert all(it.item.end <= end for it in out)
     return out, end
 
 
