@@ -213,7 +213,14 @@ def plan_job(
         "tiers": [c.tier if c.mode == "tokenwise" else None for c in best.layers],
         "tile_rows": [c.tile_rows for c in best.layers],
         "mem_bytes": {**est.mem_bytes, "arena_peak": step.peak, "arena_fragmentation": step.fragmentation},
-        "arena": {**step.summary(), "level": 2, "device_bytes": states + step.peak, "blocks": "cost model"},
+        "arena": {
+            **step.summary(),
+            "level": 2,
+            "device_bytes": states + step.peak,
+            # fits follows the estimate; level 2 also counts the forward's copies in flight
+            "fits_device": states + step.peak <= hw.usable_device_bytes,
+            "blocks": "cost model",
+        },
         "device_bytes": est.device_bytes,
         "device_capacity_bytes": hw.usable_device_bytes,
         "host_bytes_per_node": est.host_bytes_per_node,
@@ -270,7 +277,12 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"arena (level 2, {arena['tensors']} tensors around one block per layer pass): peak "
             f"{format_bytes(arena['peak'])}, {format_bytes(arena['fragmentation'])} above the bytes live "
             f"at once ({arena['method']}, {arena['solve_s']:.2f} s); with the model states "
-            f"{format_bytes(arena['device_bytes'])}",
+            f"{format_bytes(arena['device_bytes'])}"
+            + (
+                ""
+                if arena["fits_device"]
+                else " (over the usable device memory: the verdict does not count it)"
+            ),
             f"off the device (per device): {off or 'nothing'}; per node host "
             f"{format_bytes(result['host_bytes_per_node'])} of {format_bytes(hw.host_bytes)}, file "
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",

@@ -148,3 +148,4 @@ def test_plan_json_reports_the_level_two_peak(capsys):
     assert mem["arena_peak"] == arena["peak"] >= arena["lower_bound"] > 0
     assert mem["arena_fragmentation"] == arena["peak"] - arena["lower_bound"]
     assert arena["solve_s"] <= 10.0
+    assert arena["fits_device"] == (arena["device_bytes"] <= result["device_capacity_bytes"])
