@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from longtrain.planner.arena import replay
 from longtrain.planner.estimate import (
     Job,
     LayerChoice,
@@ -19,7 +20,7 @@ from longtrain.planner.estimate import (
 )
 from longtrain.planner.layout import ALIGN, Item, lower_bound, plan_layout, rounded
 from longtrain.planner.step_arena import forward_block_bytes, plan_step
-from longtrain.planner.trace import LayerShape, record_layer
+from longtrain.planner.trace import Block, LayerShape, record_layer
 from longtrain.trainer.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -149,3 +150,23 @@ def test_plan_json_reports_the_level_two_peak(capsys):
     assert mem["arena_fragmentation"] == arena["peak"] - arena["lower_bound"]
     assert arena["solve_s"] <= 10.0
     assert arena["fits_device"] == (arena["device_bytes"] <= result["device_capacity_bytes"])
+
+
+def test_a_level_two_plan_replays_through_one_arena_buffer():
+    """The runtime side: one buffer of the planned peak, every level-2 tensor a view at its
+    offset, filled when it starts and checked when it ends (planner/arena.py ``replay``)."""
+    shape = ModelShape(4, 64, 4, 2, 16, 160, 256, 40_000, 2 * 256 * 64 + 64, 2)
+    layers = [
+        LayerChoice("tokenwise", 0.5, "file", 128),
+        LayerChoice("tokenwise", 0.3, "host"),
+        LayerChoice("recompute"),
+        LayerChoice("keep"),
+    ]
+    step = plan_step(shape, Layout(1), Job(512), layers)
+    blocks = [
+        Block(x.item.size, x.item.start, x.item.end, x.kind, "torch.uint8", (x.item.size,))
+        for x in step.tensors
+    ]
+    result = replay(blocks, step.layout)
+    assert result.reserved == step.peak and result.fragmentation == 0
+    assert result.tensors == len(step.tensors) > 4 * len(layers)
