@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longtrain.config_checks import ConfigError
 
 from .decide import Fixed, Plan, max_seq_len, search
-from .estimate import Job, ModelShape, format_bytes
+from .estimate import PHASES, Job, ModelShape, format_bytes
 from .hardware import Hardware, hardware
+from .step_arena import plan_step
 
 if TYPE_CHECKING:
     from .profile import StepTimes
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, help="number of GPUs (default: the recipe's world size, else 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--write", metavar="FILE", help="write the activation.plan file here")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="draw the arena layout and the per-layer alpha / mode / tier here"
+    )
 
 
 def _split_overrides(
@@ -192,6 +197,9 @@ def plan_job(
     best = search(shape, job, hw, gpus, fixed, times=times)
     longest = max_seq_len(shape, job, hw, gpus, fixed)
     est = best.estimate
+    step = plan_step(shape, best.layout, job, best.layers)
+    # the model states stay outside the arena, allocated once
+    states = sum(v for k, v in est.mem_bytes.items() if "." not in k and k not in PHASES)
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
     result: dict[str, Any] = {
         "fits": best.fits,
@@ -204,7 +212,15 @@ def plan_job(
         "alpha": [c.alpha if c.mode == "tokenwise" else None for c in best.layers],
         "tiers": [c.tier if c.mode == "tokenwise" else None for c in best.layers],
         "tile_rows": [c.tile_rows for c in best.layers],
-        "mem_bytes": est.mem_bytes,
+        "mem_bytes": {**est.mem_bytes, "arena_peak": step.peak, "arena_fragmentation": step.fragmentation},
+        "arena": {
+            **step.summary(),
+            "level": 2,
+            "device_bytes": states + step.peak,
+            # fits follows the estimate; level 2 also counts the forward's copies in flight
+            "fits_device": states + step.peak <= hw.usable_device_bytes,
+            "blocks": "cost model",
+        },
         "device_bytes": est.device_bytes,
         "device_capacity_bytes": hw.usable_device_bytes,
         "host_bytes_per_node": est.host_bytes_per_node,
@@ -223,23 +239,31 @@ def plan_job(
     return cfg, best, result, hw, gpus
 
 
-def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
-    lay = result["layout"]
-    mem = result["mem_bytes"]
-    device = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." not in k and v)
-    off = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." in k and v)
+def _layers_line(result: dict[str, Any]) -> str:
+    """The layers grouped by (mode, alpha, tier, tile_rows), bottom up."""
     modes: dict[tuple[Any, ...], int] = {}
     for m, a, tier, r in zip(
         result["modes"], result["alpha"], result["tiers"], result["tile_rows"], strict=True
     ):
         key = (m, a, tier, r)
         modes[key] = modes.get(key, 0) + 1
-    layers = "; ".join(
+    return "; ".join(
         f"{n} x {m}"
         + (f" alpha {a:.4f} on {tier}" if m == "tokenwise" else "")
         + (f" tile_rows {r}" if r else "")
         for (m, a, tier, r), n in modes.items()
     )
+
+
+def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
+    lay = result["layout"]
+    mem = result["mem_bytes"]
+    device = ", ".join(
+        f"{k} {format_bytes(v)}" for k, v in mem.items() if "." not in k and not k.startswith("arena") and v
+    )
+    arena = result["arena"]
+    off = ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if "." in k and v)
+    layers = _layers_line(result)
     verdict = (
         "fits" if result["fits"] else f"does NOT fit (over: {result['over_bytes']}); {result['suggestion']}"
     )
@@ -250,6 +274,15 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"layout: context parallel {lay['cp']}, shard {lay['shard']}, optimizer state on {lay['optim_tier']}",
             f"per device: {device}; total {format_bytes(result['device_bytes'])} of "
             f"{format_bytes(result['device_capacity_bytes'])} usable",
+            f"arena (level 2, {arena['tensors']} tensors around one block per layer pass): peak "
+            f"{format_bytes(arena['peak'])}, {format_bytes(arena['fragmentation'])} above the bytes live "
+            f"at once ({arena['method']}, {arena['solve_s']:.2f} s); with the model states "
+            f"{format_bytes(arena['device_bytes'])}"
+            + (
+                ""
+                if arena["fits_device"]
+                else " (over the usable device memory: the verdict does not count it)"
+            ),
             f"off the device (per device): {off or 'nothing'}; per node host "
             f"{format_bytes(result['host_bytes_per_node'])} of {format_bytes(hw.host_bytes)}, file "
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",
@@ -268,8 +301,6 @@ def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardwa
     ``hardware_name``, the recipe's world size), write the plan to ``output_dir``/plan.json and
     return the overrides that run it, the user's ``overrides`` last so a key set there stays as
     set. A plan that does not fit is a one-line error with the smallest change that would."""
-    from pathlib import Path
-
     if any(item.partition("=")[0].lstrip("+~") == "activation.plan" for item in overrides):
         raise ConfigError(
             "planner.auto=true writes activation.plan itself; drop activation.plan or planner.auto"
@@ -289,8 +320,25 @@ def plan_for_training(recipe: str, overrides: list[str], output_dir: str, hardwa
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan; write the plan file with ``--write``. Exit status 0 when it fits, 1 when not."""
-    cfg, best, result, hw, _gpus = plan_job(args.recipe, args.overrides, args.gpus)
+    """Print the plan; write the plan file with ``--write`` and its picture with ``--plot``. Exit
+    status 0 when it fits, 1 when not."""
+    from .plot import check_writable, plan_png
+
+    if args.plot and (why := check_writable(args.plot)):
+        raise ConfigError(f"--plot {args.plot}: {why}")
+    cfg, best, result, hw, gpus = plan_job(args.recipe, args.overrides, args.gpus)
+    if args.plot:
+        job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
+        step = plan_step(_shape(cfg), best.layout, job, best.layers)
+        title = (
+            f"{args.recipe} on {gpus} x {hw.name}, seq_len {result['seq_len']}: "
+            f"{'fits' if result['fits'] else 'does not fit'}, step {result['predicted_step_s']:.3g} s"
+        )
+        try:
+            Path(args.plot).write_bytes(plan_png(result, step, _layers_line(result), title))
+        except OSError as e:
+            raise ConfigError(f"--plot {args.plot}: {e.strerror or e}") from None
+        result["plot_file"] = args.plot
     if args.write:
         best.write(args.write)
         result["plan_file"] = args.write

@@ -7,10 +7,18 @@ divisors of the GPU count; shard: none / fsdp / deepspeed; optimizer tier: devic
 tile_rows: 0 and the powers of two from 256 rows below the tokens per rank). For each of those
 combinations:
 
-- kept layers: a kept layer is never slower than a token-wise one (no recompute, no copy) and
-  holds nothing off the device, so the best plan keeps the most last layers the device holds
-  (``keep`` count k: largest k that fits).
-- the other n = L - k layers are token-wise; n_file of them (the first ones, whose backward comes
+- recomputed layers: n_rec of them, under the kept ones (their inputs are freed before the
+  token-wise layers' backward, and the topmost token-wise layer's copies hide behind their
+  backward too). A recomputed layer holds its input on the device and nothing off it, and costs
+  its forward once more (plus its row-wise parts once more with tiles), measured or from FLOPs:
+  it wins where the tiers are too small or the copies too slow. n_rec = 0, 1, ... is tried while
+  a bound (every layer's compute, head, collectives and optimizer, plus n_rec recomputes) can
+  still beat the best plan found; a feasibility check tries the fewest that leave the tiers room.
+  Not when the user set activation.mode, alpha or tier (those ask for token-wise layers).
+- kept layers: a kept layer is never slower than a token-wise or recomputed one (no recompute,
+  no copy) and holds nothing off the device, so for each n_rec the best plan keeps the most last
+  layers the device holds (``keep`` count k: largest k that fits).
+- the other n = L - k - n_rec layers are token-wise; n_file of them (the first ones, whose backward comes
   last) on the file tier, the rest on the host: every n_file in 0..n is tried.
 - alpha: a layer's time is convex and piecewise linear in alpha (recompute falls linearly, the
   copies' exposed time max(0, bytes/bandwidth - compute) rises past a kink) and the tiers'
@@ -249,44 +257,52 @@ def _tokenwise_plan(
     fixed: Fixed,
     first: bool = False,
     times: StepTimes | None = None,
+    n_rec: int = 0,
 ) -> list[LayerChoice] | None:
-    """The fastest layers for one layout and tile size that fit (None: none does); ``first``: the
-    first that fits, alphas 0 (a feasibility check); ``times``: measured step pieces."""
+    """The fastest layers for one layout and tile size that fit (None: none does), ``n_rec`` of
+    them recomputed (below the kept ones, above the token-wise ones); ``first``: the first that
+    fits, alphas 0 (a feasibility check); ``times``: measured step pieces."""
     t = job.tokens_per_rank(layout.cp)
     n_layers = shape.layers
     tok = LayerChoice("tokenwise", 0.0, "host", tile)
     keep = LayerChoice("keep")
+    rec = LayerChoice("recompute", tile_rows=tile)
     # alpha inside (0, 1): an untiled layer's rebuild then holds its rows twice (the bound for any alpha)
     half = LayerChoice("tokenwise", 0.5, "host", tile)
     peak_tok = layer_peak_bytes(shape, t, half, half)  # a token-wise layer below prefetched
-    peak_keep = layer_peak_bytes(shape, t, keep, half)
     per_keep = activation_device_bytes(shape, t, keep)
+    held_rec = n_rec * activation_device_bytes(shape, t, rec)  # the recomputed layers' inputs
 
     fixed_mem = memory_bytes(shape, layout, job, [tok])  # loss and ring buffers: the same for any layers
 
     def device(k: int) -> int:
         """Kept layers are the last: the loss phase holds them all, and so does the first backward
-        (the last layer's); the token-wise layers' backward comes after theirs has freed them."""
+        (the last layer's); the token-wise layers' backward comes after theirs has freed them.
+        The recomputed layers' inputs are counted as held in every phase before the token-wise
+        backward (an upper bound: the highest one's backward holds them all)."""
         ring = fixed_mem["cp_buffers"]
-        peak = max(k * per_keep + fixed_mem["loss"], peak_tok + ring if k < n_layers else 0)
+        below = half if k + n_rec < n_layers else None  # a token-wise layer to prefetch
+        peak = max(k * per_keep + held_rec + fixed_mem["loss"], peak_tok + ring if below else 0)
         if k:
-            peak = max(peak, k * per_keep + peak_keep + ring)
+            peak = max(peak, k * per_keep + held_rec + layer_peak_bytes(shape, t, keep, below) + ring)
+        if n_rec:
+            peak = max(peak, held_rec + layer_peak_bytes(shape, t, rec, below) + ring)
         return peak
 
     if fixed.keep_last is not None:
         k = min(fixed.keep_last, n_layers)
-        if device(k) > cap.device:
+        if k + n_rec > n_layers or device(k) > cap.device:
             return None
     else:
         k = -1
-        for cand in range(n_layers + 1):
+        for cand in range(n_layers - n_rec + 1):
             if device(cand) <= cap.device:
                 k = cand
             elif cand > 0:
                 break
         if k < 0:
             return None
-    n_off = n_layers - k
+    n_off = n_layers - k - n_rec
     whole = t * shape.whole_bytes
     rows = t * shape.rows_bytes
     best: tuple[float, list[LayerChoice]] | None = None
@@ -324,17 +340,17 @@ def _tokenwise_plan(
             continue
 
         def build(alphas: dict[str, float], n_file: int = n_file, n_host: int = n_host) -> list[LayerChoice]:
-            """Layers bottom up: the file tier's, the host tier's, the kept ones."""
+            """Layers bottom up: the file tier's, the host tier's, the recomputed, the kept ones."""
             out = []
             if n_file:
                 out += [LayerChoice("tokenwise", _floor4(alphas["file"]), "file", tile)] * n_file
             if n_host:
                 out += [LayerChoice("tokenwise", _floor4(alphas["host"]), "host", tile)] * n_host
-            return out + [keep] * k
+            return out + [rec] * n_rec + [keep] * k
 
         alphas = {tier: a for tier, (a, _) in choice.items()}
         seconds = sum(choice[tier][1] * n for tier, n in (("host", n_host), ("file", n_file)) if n)
-        if not first:
+        if not first and n_off:
             # the topmost token-wise layer's copies at the turn from forward to backward
             # (estimate.turnaround_seconds) depend on its tier's alpha: that alpha is the best of
             # the tier's own candidates and the turnaround's kink (the step is piecewise linear
@@ -346,7 +362,7 @@ def _tokenwise_plan(
             if fixed.alpha is None:
                 write, read = tier_bandwidth(hw, layout, top)
                 fwd, bwd, _, _ = layer_pass_seconds(shape, layout, job, hw, times)
-                between = head_seconds(shape, layout, job, hw, times) + k * (fwd + bwd)
+                between = head_seconds(shape, layout, job, hw, times) + (k + n_rec) * (fwd + bwd)
                 kink = (between / (1 / write + 1 / read) - whole) / rows if rows else 0.0
                 top_cap = (
                     (((cap.host if top == "host" else cap.file) / n_top - whole) / rows) if rows else 1.0
@@ -372,6 +388,59 @@ def _tokenwise_plan(
             if first:
                 break
     return None if best is None else best[1]
+
+
+def _mixed_plan(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    cap: Capacity,
+    tile: int,
+    fixed: Fixed,
+    first: bool = False,
+    times: StepTimes | None = None,
+) -> list[LayerChoice] | None:
+    """``_tokenwise_plan`` with the best number of recomputed layers (module docstring); only
+    token-wise layers when the user set activation.mode, alpha or tier."""
+    plain = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first, times)
+    if fixed.mode is not None or fixed.alpha is not None or fixed.tier is not None:
+        return plain
+    n = shape.layers
+
+    def plan(n_rec: int) -> list[LayerChoice] | None:
+        return _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first, times, n_rec)
+
+    if first:
+        if plain is not None:
+            return plain
+        # the fewest recomputed layers that leave the token-wise ones room on the tiers at alpha 0
+        # (fewer kept layers never need less device), or all of them
+        whole = job.tokens_per_rank(layout.cp) * shape.whole_bytes
+        room = cap.host // whole + cap.file // whole if whole else n
+        for n_rec in sorted({max(0, n - room), n} - {0}):
+            if (layers := plan(n_rec)) is not None:
+                return layers
+        return None
+
+    def seconds(layers: list[LayerChoice]) -> float:
+        est = estimate(shape, layout, job, layers, hw, times)
+        return est.step_s if not _over(est, hw) else float("inf")
+
+    best = (seconds(plain), plain) if plain is not None else (float("inf"), None)
+    # A bound on any plan with n_rec recomputed layers: every layer's compute, the head, the
+    # collectives and the optimizer (all kept) plus the recomputed layers' extra seconds; it
+    # grows with n_rec, so the loop stops at the first n_rec it cannot beat the best with.
+    floor = sum(step_seconds(shape, layout, job, [LayerChoice("keep")] * n, hw, times).values())
+    rec = layer_seconds(shape, layout, job, LayerChoice("recompute", tile_rows=tile), hw, times)
+    extra = rec["recompute"] + rec["tiles"]
+    for n_rec in range(1, n + 1):
+        if floor + n_rec * extra >= best[0]:
+            break
+        layers = plan(n_rec)
+        if layers is not None and (s := seconds(layers)) < best[0]:
+            best = (s, layers)
+    return best[1] if best[1] is not None else plain
 
 
 def _floor4(a: float) -> float:
@@ -424,7 +493,7 @@ def search(
             layers: list[LayerChoice] | None = None
             found = False
             if mode == "tokenwise" and cap is not None:
-                layers = _tokenwise_plan(shape, layout, job, hw, cap, tile, fixed, first, measured)
+                layers = _mixed_plan(shape, layout, job, hw, cap, tile, fixed, first, measured)
                 found = layers is not None
             if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
                 if mode == "tokenwise":

@@ -386,13 +386,18 @@ def estimate(
     )
 
 
+# mem_bytes categories that are not model states (device_total takes the worst phase of them)
+PHASES = frozenset(
+    {"activations", "layer_peak", "backward_peak", "cp_buffers", "loss", "grads", "grads_held"}
+)
+
+
 def device_total(mem: dict[str, int]) -> int:
     """Peak device bytes: the model states, plus the larger of the loss phase (every layer's held
     activations, the loss's transient and the gradients held through the step) and the worst
     backward phase (``backward_peak``, which counts the gradients produced by then, with the ring
     buffers); they never overlap."""
-    phases = {"activations", "layer_peak", "backward_peak", "cp_buffers", "loss", "grads", "grads_held"}
-    states = sum(v for k, v in mem.items() if "." not in k and k not in phases)
+    states = sum(v for k, v in mem.items() if "." not in k and k not in PHASES)
     loss_phase = mem["activations"] + mem["loss"] + mem["grads_held"]
     return states + max(loss_phase, mem["backward_peak"] + mem["cp_buffers"])
 

@@ -127,16 +127,18 @@ def small_shape() -> ModelShape:
     )  # fmt: skip
 
 
-def test_search_is_no_slower_than_a_brute_force_over_per_layer_choices():
-    """Every assignment of keep / tokenwise x alpha grid x tier to 3 layers, one tile size, on a
-    small made-up node where the device holds one kept layer, the host ~2 layers at alpha 0.5 and
-    the disk ~1: the search's plan fits and is at least as fast as the best assignment that fits
-    (its alphas are continuous, the grid's are not)."""
+@pytest.mark.parametrize("link_bps", [2e10, 3e7, 1e7])
+def test_search_is_no_slower_than_a_brute_force_over_per_layer_choices(link_bps):
+    """Every assignment of keep / recompute / tokenwise x alpha grid x tier to 3 layers, one tile
+    size, on a small made-up node where the device holds one kept layer, the host ~2 layers at
+    alpha 0.5 and the disk ~1: the search's plan fits and is at least as fast as the best
+    assignment that fits (its alphas are continuous, the grid's are not). Behind the slow link the
+    copies cost more than recomputing, and the best assignment recomputes."""
     shape, job = small_shape(), Job(seq_len=4096)
     hw = dataclasses.replace(
         hardware("h100_80g"),
         flops=2e11,
-        device_to_host_bps=2e10,
+        device_to_host_bps=link_bps,
         device_bytes=27 * 10**6,
         reserved_bytes=0,
         host_bytes=int(12.5e6),
@@ -147,7 +149,7 @@ def test_search_is_no_slower_than_a_brute_force_over_per_layer_choices():
     layout = Layout(1, 1, "none", "device")
     fixed = Fixed(cp=1, shard="none", optim_tier="device", tile_rows=512)
     found = search(shape, job, hw, 1, fixed)
-    options = [LayerChoice("keep")] + [
+    options = [LayerChoice("keep"), LayerChoice("recompute", tile_rows=512)] + [
         LayerChoice("tokenwise", a, tier, 512)
         for a in (0.0, 0.25, 0.5, 0.75, 1.0)
         for tier in ("host", "file")
@@ -166,6 +168,62 @@ def test_search_is_no_slower_than_a_brute_force_over_per_layer_choices():
     assert found.estimate.step_s <= best[0] * (1 + 1e-9), (found.layers, best)
     kinds = {(c.mode, c.tier) for c in best[1]}
     assert len(kinds) > 1  # the constraints bind: the best assignment mixes modes or tiers
+    assert ("recompute" in [c.mode for c in best[1]]) == (link_bps < 1e8)
+
+
+def test_search_recomputes_where_only_recompute_fits():
+    """A node whose host cannot hold one layer's whole tensors and with no disk: no token-wise
+    layer fits anywhere, the device holds one kept layer, so the other layers must be recomputed
+    (inputs only on the device). Token-wise asked for on the command line stays as asked and
+    does not fit."""
+    shape, job = small_shape(), Job(seq_len=4096)
+    whole = job.seq_len * shape.whole_bytes
+    hw = dataclasses.replace(
+        hardware("h100_80g"),
+        device_bytes=27 * 10**6,
+        reserved_bytes=0,
+        host_bytes=int(whole / 0.9) - 1,
+        nvme_bytes=1,
+        gpus_per_node=1,
+    )
+    fixed = Fixed(cp=1, shard="none", optim_tier="device")
+    found = search(shape, job, hw, 1, fixed)
+    assert found.fits
+    assert [c.mode for c in found.layers] == ["recompute", "recompute", "keep"]
+    assert found.estimate.mem_bytes["host.activations"] == 0
+    assert search(shape, job, hw, 1, fixed, first=True).fits  # the feasibility check agrees
+    assert not search(shape, job, hw, 1, dataclasses.replace(fixed, mode="tokenwise")).fits
+
+
+def test_recompute_is_priced_from_measured_pieces():
+    """The calibration's model with fixed step pieces behind a 10 MB/s link: a token-wise layer's
+    whole tensors take ~0.1 s each way, recomputing a layer one measured forward (7 ms), so on a
+    device that cannot keep every layer the search recomputes rather than swapping, and the plan's
+    predicted recompute seconds are the measured forwards."""
+    from longtrain.planner.profile import StepTimes
+
+    shape = ModelShape(4, 128, 4, 2, 32, 512, 101, 246_016, 25_984, 4)
+    times = StepTimes(1024, 7e-3, 14e-3, 5e-3, 0.0, 2.5e-3, 2.5e-3)
+    job, layout = Job(1024), Layout(1)
+    rec = [LayerChoice("recompute")] * 4
+    room = estimate(shape, layout, job, rec, hardware("h100_80g")).device_bytes + 8 * 2**20
+    hw = dataclasses.replace(
+        hardware("h100_80g"), device_to_host_bps=1e7, device_bytes=room, reserved_bytes=0, gpus_per_node=1
+    )
+    fixed = Fixed(cp=1, shard="none", optim_tier="device", tile_rows=0)
+    found = search(shape, job, hw, 1, fixed, times=times)
+    n_rec = sum(c.mode == "recompute" for c in found.layers)
+    assert found.fits and n_rec >= 1 and {c.mode for c in found.layers} <= {"recompute", "keep"}
+    assert found.estimate.parts_s["recompute"] == pytest.approx(n_rec * times.layer_forward_s)
+    # the same layers token-wise instead (alpha 0 is their fastest behind this link) are slower
+    swapped = [LayerChoice("tokenwise") if c.mode == "recompute" else c for c in found.layers]
+    assert found.estimate.step_s < estimate(shape, layout, job, swapped, hw, times).step_s
+
+
+def test_explicit_recompute_stays_as_set(capsys):
+    code, result, err = plan(capsys, "tiny_cpu", "hardware=h100_80g", "activation.mode=recompute")
+    assert code == 0 and result["fits"], err
+    assert result["modes"] == ["recompute"] * 4
 
 
 def test_trainer_runs_the_written_plan(capsys, tmp_path):
