@@ -48,6 +48,7 @@ from .sync import file_checksum, fsync_path, seal, step_dir
 # optimizer state (twice their bytes with Adam) on two ranks' agents, written in parallel
 PARTS = {"model.safetensors": 0, "trainer_state.json": 0, "optimizer.pt": 1}
 PART_TIMEOUT_S = 600.0
+_TOKEN = re.compile(r"[0-9a-f]+")
 _AGENT_TMP = re.compile(r"step-\d+\.tmp-[0-9a-f]+")
 
 
@@ -177,6 +178,8 @@ def persist_slot(request: dict[str, Any], released: Callable[[], None]) -> str:
         int(request["rank"]),
         int(request["world"]),
     )
+    if not _TOKEN.fullmatch(request["token"]):
+        raise PersistError(f"a persist token must be hex digits, got {request['token']!r}")
     tmp = tmp_dir(root, step, request["token"])
     slot = Slot(Path(request["slot"]))
     snap: Snapshot | str | None = None
@@ -192,7 +195,8 @@ def persist_slot(request: dict[str, Any], released: Callable[[], None]) -> str:
     finally:
         snap = None  # the views of the mapping go before it is closed
         gc.collect()
-        slot.close()
+        with contextlib.suppress(BufferError):  # views still held by a traceback: freed with it
+            slot.close()
         released()
     if not request["seal"]:
         return str(tmp)
