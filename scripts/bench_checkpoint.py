@@ -109,7 +109,7 @@ class _Position:
         self.position = state["position"]
 
 
-def bench_persist(params: int, rounds: int, work: Path) -> dict[str, dict[str, list[float]]]:
+def bench_persist(params: int, rounds: int, work: Path) -> dict[str, dict[str, list]]:
     """Per round, for the synchronous checkpointer and the agents: the stall (s) of a persisting
     step, and the time the loop was blocked in the checkpointer's calls (``wait``, ``save``)."""
     from torch import nn
@@ -163,6 +163,7 @@ def bench_persist(params: int, rounds: int, work: Path) -> dict[str, dict[str, l
 
     stalls: dict[str, list[float]] = {s: [] for s in PERSIST_SYSTEMS}
     blocked: dict[str, list[float]] = {s: [] for s in PERSIST_SYSTEMS}
+    walls: dict[str, list[list[float]]] = {s: [] for s in PERSIST_SYSTEMS}  # per round: the 4 steps
     for r in range(rounds + 1):
         for k in range(len(PERSIST_SYSTEMS)):
             system = PERSIST_SYSTEMS[(r + k) % len(PERSIST_SYSTEMS)]
@@ -178,10 +179,11 @@ def bench_persist(params: int, rounds: int, work: Path) -> dict[str, dict[str, l
             if r > 0:  # round 0 starts the agent and allocates its slots
                 stalls[system].append(saving[0] + after[0] - before[0] - plain[0])
                 blocked[system].append(saving[1] + after[1])
+                walls[system].append([before[0], saving[0], after[0], plain[0]])
     for ckpt in checkpointers.values():
         ckpt.persist(steps, state)  # the end of a run: the agents are stopped by close()
         ckpt.close()
-    return {"stall": stalls, "blocked": blocked}
+    return {"stall": stalls, "blocked": blocked, "steps": walls}
 
 
 def main() -> None:
@@ -328,7 +330,7 @@ def main() -> None:
     print_result(result, args, start, "bench_checkpoint.py", SUBDIRS)
 
 
-def persist_result(persist: dict[str, dict[str, list[float]]], detail: dict) -> dict:
+def persist_result(persist: dict[str, dict[str, list]], detail: dict) -> dict:
     """Print the persisting stalls; their key (``persist_stall_agents_vs_sync``: medians), the
     figures themselves into ``detail``."""
     stalls, blocked = persist["stall"], persist["blocked"]
@@ -345,6 +347,7 @@ def persist_result(persist: dict[str, dict[str, list[float]]], detail: dict) -> 
         persist_stall_s=stalls,
         persist_blocked_median_s=med_blocked,
         persist_blocked_s=blocked,
+        persist_steps_s=persist["steps"],  # per round: plain, persisting, next, plain
         load_avg=os.getloadavg(),
     )
     return {  # null: the synchronous median not above zero (noise larger than the stall)
