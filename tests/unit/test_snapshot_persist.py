@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from longtrain.checkpoint import is_complete, list_steps, newest_verified, verify
 from longtrain.checkpoint.flat import unflatten
 from longtrain.checkpoint.persist import (
+    Persister,
     PersistError,
     mark_failed,
     part_files,
@@ -120,3 +122,32 @@ def test_a_slot_that_does_not_hold_the_step_is_not_persisted(tmp_path):
     with pytest.raises(PersistError, match="slot slot cannot be persisted as step 3: it holds step 2"):
         persist_slot(job, lambda: None)
     assert (tmp_dir(root, 3, "ef56") / ".rank0.failed").is_file() and list_steps(root) == []
+
+
+def test_hold_waits_while_the_agent_reads_the_slot_and_only_that_slot(tmp_path, monkeypatch):
+    import longtrain.checkpoint.persist as persist
+
+    tensors, meta = tiny_snapshot(8)
+    slot = slot_with(tmp_path / "slot0", 8, tensors, meta)
+    slot.close()
+    gate = threading.Event()
+    real_write_part = persist.write_part
+
+    def slow_write_part(*args):
+        assert gate.wait(10)
+        return real_write_part(*args)
+
+    monkeypatch.setattr(persist, "write_part", slow_write_part)
+    persister = Persister()
+    root = tmp_path / "checkpoints"
+    job = {"root": str(root), "step": 8, "token": "0a", "rank": 0, "world": 1, "keep": 2, "seal": True,
+           "timeout": 5.0, "slot": str(slot.path)}  # fmt: skip
+    assert persister.start(job) == {"started": 8}
+    assert persister.hold(str(tmp_path / "slot1")) == {"held": str(tmp_path / "slot1")}  # not read: at once
+    held = threading.Event()
+    threading.Thread(target=lambda: (persister.hold(str(slot.path)), held.set()), daemon=True).start()
+    assert not held.wait(0.3)  # the agent still reads slot0: a writer must wait
+    gate.set()
+    assert held.wait(10)
+    assert persister.result() == {"step": 8, "path": str(root / "step-000008")}
+    verify(root / "step-000008")
