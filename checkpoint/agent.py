@@ -10,8 +10,12 @@ the job's ``output_dir`` and the rank (``agent_dir``), in the same private direc
 Requests are JSON lines over the socket (never pickle: anything that can connect must not be
 able to run code in the agent): ``ping`` (pid), ``slots`` (the two slot files, created or grown
 to the size asked; ``kind`` parity: the two that hold the parity this rank keeps for the other
-ranks' snapshots), ``close`` (remove the slots and exit). An agent with no trainer connected for
-``idle_exit`` seconds removes its slots and exits, so a job that is never re-run leaks no memory.
+ranks' snapshots), ``persist`` (write this rank's part of a disk checkpoint from a slot, and on
+rank 0 seal it once every rank's part is there: ``persist.py``), ``persisted`` (wait for that and
+say how it went), ``hold`` (wait until no persist reads a slot the trainer is about to overwrite),
+``close`` (finish a persist, remove the slots and exit). An agent with no trainer connected for
+``idle_exit`` seconds finishes a persist, removes its slots and exits, so a job that is never
+re-run leaks no memory.
 
 The trainer copies its state into the slot itself (``LazySnapshot``: a background thread started
 after the optimizer step, overlapping the next forward/backward; ``wait`` before the next step).
@@ -38,6 +42,7 @@ import torch
 
 import longtrain
 
+from .persist import Persister
 from .slots import Slot, SlotPair, create_slot_file, private_dir
 
 SHM_ROOT = Path("/dev/shm")
@@ -79,6 +84,7 @@ class _Agent:
         self.clients = 0
         self.idle_since = time.monotonic()
         self.done = threading.Event()
+        self.persister = Persister()
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -92,6 +98,12 @@ class _Agent:
                     if not path.exists() or path.stat().st_size < size:
                         create_slot_file(path, size)
             return {"paths": [str(p) for p in paths]}
+        if op == "persist":
+            return self.persister.start(request["job"])
+        if op == "persisted":
+            return self.persister.result()
+        if op == "hold":
+            return self.persister.hold(str(request["slot"]))
         if op == "close":
             self.done.set()
             return {"closed": True}
@@ -146,6 +158,7 @@ def serve(directory: Path, rank: int, idle_exit: float) -> None:
             if idle:
                 break
     finally:
+        agent.persister.join()  # a checkpoint being written is finished first, whoever asked for it
         server.shutdown()
         server.server_close()
         agent.cleanup()
@@ -162,6 +175,7 @@ class AgentClient:
         self.directory, self.rank = directory, rank
         self.sock = sock
         self.reader = sock.makefile("rb")
+        self.lock = threading.Lock()  # the loop's thread and the snapshot's copy thread both ask
 
     @classmethod
     def connect(cls, directory: Path, rank: int) -> AgentClient | None:
@@ -173,7 +187,13 @@ class AgentClient:
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             return None
-        return cls(directory, rank, sock)
+        client = cls(directory, rank, sock)
+        try:  # a killed agent's other threads may hold its socket open a moment after it is a zombie
+            client.pid()
+        except (AgentError, OSError):
+            client.disconnect()
+            return None
+        return client
 
     @classmethod
     def start(
@@ -221,8 +241,9 @@ class AgentClient:
         raise AgentError(f"the snapshot agent of rank {rank} did not answer within {timeout:.0f} s")
 
     def request(self, **request: Any) -> dict[str, Any]:
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        line = self.reader.readline()
+        with self.lock:
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            line = self.reader.readline()
         if not line:
             raise AgentError(f"the snapshot agent of rank {self.rank} closed the connection")
         reply = json.loads(line)
@@ -268,15 +289,17 @@ class LazySnapshot:
         meta: Mapping[str, Any],
         after_tensor: Callable[[int], None] | None = None,
         then: Callable[[Slot | None], None] | None = None,
+        before: Callable[[Slot], None] | None = None,
     ) -> None:
         """``then(slot)`` runs on the same thread after the write, with the slot written (None
-        when the write failed): parity across ranks, which every rank must join either way."""
+        when the write failed): persistence and parity across ranks, which every rank must join
+        either way. ``before(slot)``: on the same thread, before the slot chosen is written."""
         self.wait()  # one snapshot in flight: a second would write the slot the first is filling
 
         def copy() -> None:
             written = None
             try:
-                self.seq = self.pair.write(step, tensors, meta, after_tensor)
+                self.seq = self.pair.write(step, tensors, meta, after_tensor, before)
                 written = self.pair.holding(step)
             except BaseException as e:  # handed to the trainer at wait()
                 self._error = e

@@ -246,6 +246,31 @@ class Slot:
                 after_tensor(len(tensors) - 1)
         return Snapshot(seq, step, tensors, table["meta"])
 
+    def view(self) -> Snapshot | str:
+        """The slot's snapshot without copying it out: each tensor a view of the mapping with a
+        storage of its own bytes (``torch.save`` writes a view's whole storage), checked against
+        its crc32; or why it is not usable. For a reader that holds the slot against writers
+        (the agent persisting it, ``persist.py``); the views must go before ``close``."""
+        state, seq, step, t_off, t_len, t_crc, d_off, _ = self.header()
+        if state != COMPLETE:
+            return "empty" if state == EMPTY else "incomplete (a write was interrupted or is running)"
+        table_bytes = bytes(self._mm[t_off : t_off + t_len])
+        if zlib.crc32(table_bytes) != t_crc:
+            return "its tensor table does not match its crc32"
+        table = json.loads(table_bytes)
+        tensors = {}
+        for entry in table["tensors"]:
+            dtype = _DTYPES[entry["dtype"]]
+            count = entry["nbytes"] // dtype.itemsize
+            if count == 0:
+                t = torch.empty(0, dtype=dtype)
+            else:
+                t = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=d_off + entry["offset"])
+            if _crc(t.view(torch.uint8)) != entry["crc32"]:
+                return f"tensor {entry['name']} does not match its crc32"
+            tensors[entry["name"]] = t.reshape(entry["shape"])
+        return Snapshot(seq, step, tensors, table["meta"])
+
 
 class SlotPair:
     """A rank's two alternating slots."""
@@ -275,10 +300,15 @@ class SlotPair:
         tensors: Mapping[str, torch.Tensor],
         meta: Mapping[str, Any],
         after_tensor: Callable[[int], None] | None = None,
+        before: Callable[[Slot], None] | None = None,
     ) -> int:
-        """Write the next snapshot; returns its seq."""
+        """Write the next snapshot; returns its seq. ``before(slot)`` runs before the slot chosen
+        is written (the trainer waits there until its agent no longer reads that slot)."""
         seq = self.newest_seq() + 1
-        self.target().write(seq, step, tensors, meta, after_tensor)
+        slot = self.target()
+        if before is not None:
+            before(slot)
+        slot.write(seq, step, tensors, meta, after_tensor)
         return seq
 
     def holding(self, step: int) -> Slot | None:

@@ -1,6 +1,6 @@
 """In-memory snapshots in the trainer: a ``Checkpointer`` that takes a lazy snapshot of the whole
-training state into this rank's snapshot agent every ``checkpoint.snapshot_every`` steps, and
-keeps the synchronous disk checkpoints (``checkpoint.every``) alongside.
+training state into this rank's snapshot agent every ``checkpoint.snapshot_every`` steps, and has
+the agents persist one to disk every ``checkpoint.every`` steps.
 
 A snapshot holds the model's and the optimizer's state (the optimizer's ``state_dict`` gathers
 every tier), the LR scheduler, the step, the RNG states (torch CPU and CUDA, Python, NumPy) and
@@ -9,6 +9,15 @@ pickle). ``save`` captures what is cheap (scheduler, loader, RNG: small; the opt
 ``state_dict``, which copies) and starts a background copy into the agent's slot
 (``LazySnapshot``); the parameters are read while the next forward/backward runs, and ``wait``,
 which the loop calls before the optimizer step, is where it pays for what is left.
+
+Persistence (``persist.py``): a step due on disk (``checkpoint.every``, the last step, SIGTERM)
+is snapshotted like any other, and once the copy is in the slot the copy thread asks the agent to
+persist it; the agents write the checkpoint's files from the slots (the synchronous format, so
+resume and export read it unchanged) and rank 0's agent seals it when every rank's part is there.
+The trainer waits for that only when it must: before it asks for the next persist (one at a time),
+at the last step and on SIGTERM (the run ends with its checkpoint on disk), and before it writes a
+snapshot into the slot its agent still reads. One all-reduce per persisted step agrees on the way:
+if any rank has no agent, every rank goes back to the synchronous checkpointer for that step.
 
 Parity across ranks (``checkpoint.ec``, xor by default; ``rank_parity.py`` has the layout): on
 the same background thread, once its slot is written, every rank sends the stripes of its
@@ -32,10 +41,9 @@ other steps (snapshot and parity) are then discarded, so a snapshot of the aband
 snapshot, not before: a run that takes none starts no process. When no agent can be started or
 reached, training goes on with disk checkpoints only and says so in one line.
 
-Not yet: persistence by the agents (and so no recovery when more ranks lose their memory than
-the code covers but a disk checkpoint; the parity is computed by the trainer's copy thread, not
-by the agents), sharded states (``parallel.shard=fsdp`` takes disk checkpoints only; the config
-refuses the combination), resuming snapshots on another number of ranks (disk checkpoints do).
+Not yet: the parity is computed by the trainer's copy thread, not by the agents; sharded states
+(``parallel.shard=fsdp`` takes disk checkpoints only; the config refuses the combination),
+resuming snapshots on another number of ranks (disk checkpoints do, the agents' included).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import secrets
 import sys
 import threading
 import time
@@ -57,10 +66,11 @@ from .agent import SHM_ROOT, AgentClient, AgentError, LazySnapshot, agent_dir, a
 from .config import CheckpointConfig
 from .flat import flatten, unflatten
 from .parity import ErasureCode
+from .persist import PART_TIMEOUT_S, mark_failed, tied_names, tmp_dir
 from .protocol import Restored, TrainState
 from .rank_parity import RankParity, RebuildError, exchange_parity, exchange_rebuild
 from .slots import COMPLETE, Slot, SlotPair, Snapshot, required_bytes
-from .sync import SyncCheckpointer, step_of
+from .sync import SyncCheckpointer, step_dir, step_of
 
 if TYPE_CHECKING:
     from longtrain.parallel import Mesh
@@ -128,7 +138,8 @@ def _say(message: str) -> None:
 
 class SnapshotCheckpointer:
     """A ``Checkpointer``: lazy in-memory snapshots in this rank's agent every ``snapshot_every``
-    steps, disk checkpoints (``disk``) every ``checkpoint.every``; resumes from whichever is newer."""
+    steps, disk checkpoints every ``checkpoint.every`` persisted by the agents (by ``disk``, the
+    synchronous checkpointer, when a rank has no agent); resumes from whichever is newer."""
 
     def __init__(
         self,
@@ -149,6 +160,8 @@ class SnapshotCheckpointer:
         self.off = False  # no agent could be started or reached: disk checkpoints only
         self.finished = False  # the last step's checkpoint is written: the agent may go
         self._disk_due = False
+        self._said_sync = False
+        self.pending: tuple[int, Path] | None = None  # the persist asked of the agent: step, temp dir
         # Parity across ranks: the layout, a gloo group of its own (the exchange runs on the copy
         # thread while the training's collectives run on the world group), the parity slots.
         self.layout = RankParity.build(ErasureCode.parse(cfg.ec), mesh.world_size)
@@ -167,12 +180,25 @@ class SnapshotCheckpointer:
         return self._disk_due or (not self.off and step % self.every == 0)
 
     def save(self, step: int, state: TrainState) -> None:
-        if self._disk_due:  # a snapshot of this step would be no newer than the checkpoint
-            self.disk.save(step, state)
+        if self._disk_due:  # a snapshot that the agents persist, or else a synchronous checkpoint
+            if not self._persist_by_agents(step, state):
+                self.disk.save(step, state)
+            elif self.finished:  # the last step: the run ends once its checkpoint is on disk
+                self._await_persisted(step, state)
             return
         if self.off:
             self._join_exchange_without_snapshot()
             return
+        prepared = self._prepare(step, state)
+        if prepared is None:
+            self._join_exchange_without_snapshot()
+            return
+        assert self.lazy is not None
+        self.lazy.start(step, *prepared, then=functools.partial(self._written, step, None), before=self._hold)
+
+    def _prepare(self, step: int, state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Capture the state and make sure this rank's agent and slots can take it; None (and
+        disk checkpoints only from now on, said in one line) when no agent can be started or reached."""
         tensors, meta = self._capture(step, state)
         need = required_bytes(tensors, meta)
         try:
@@ -188,14 +214,130 @@ class SnapshotCheckpointer:
                 self.lazy = LazySnapshot(self.client.slots(need))
             elif min(s.size for s in self.lazy.pair.slots) < need:  # a grown state: new, bigger slots
                 self.lazy.wait()
+                self._persisted()  # the agent may still read the old slots
                 self.lazy.pair.close()
                 self.lazy.pair = self.client.slots(need)
         except (AgentError, OSError) as e:
-            self.off = True
-            _say(f"rank {self.mesh.rank}: no snapshot agent ({e}); continuing with disk checkpoints only")
-            self._join_exchange_without_snapshot()
-            return
-        self.lazy.start(step, tensors, meta, then=functools.partial(self._written, step))
+            self._agent_lost(f"no snapshot agent ({e}); continuing with disk checkpoints only")
+            return None
+        return tensors, meta
+
+    def _agent_lost(self, why: str) -> None:
+        self.off = True
+        _say(f"rank {self.mesh.rank}: {why}")
+        if self.pending is not None:  # the sealing agent must not wait for this rank's part
+            mark_failed(
+                self.pending[1], self.mesh.rank, f"the snapshot agent of rank {self.mesh.rank} is gone"
+            )
+            self.pending = None
+
+    # ------------------------------------------------------------------ persistence by the agents
+
+    def _persist_by_agents(self, step: int, state: TrainState) -> bool:
+        """Every rank: snapshot ``step`` and have the agents write it to disk (``persist.py``), if
+        every rank's agent can; False (nothing started) when some cannot: the caller then writes
+        it synchronously. One all-reduce: whether all can, and the checkpoint's temp-dir token."""
+        from longtrain.parallel import all_reduce_sums
+
+        prepared = None
+        if not self.off:
+            self.wait()
+            self._persisted()  # one persist at a time: the previous one is finished (or given up) first
+            prepared = None if self.off else self._prepare(step, state)
+        token = secrets.randbits(48) if self.mesh.is_main else 0  # not the training's RNGs
+        cannot, total = all_reduce_sums([float(prepared is None), float(token)], self.mesh)
+        if cannot > 0:
+            # once: a rank that lost its agent said so itself; in a multi-rank job the others learn
+            # here why their disk checkpoints are back with the trainer
+            if self.mesh.is_main and self.mesh.world_size > 1 and not self._said_sync:
+                _say(
+                    f"step {step}: {int(cannot)} of {self.mesh.world_size} ranks have no snapshot agent; the "
+                    "trainer writes disk checkpoints itself (synchronously) while any rank has none"
+                )
+            self._said_sync = True
+            return False
+        assert prepared is not None and self.lazy is not None
+        token_hex = f"{int(total):012x}"
+        job = {
+            "step": step,
+            "root": str(self.disk.root),
+            "token": token_hex,
+            "rank": self.mesh.rank,
+            "world": self.mesh.world_size,
+            "keep": self.cfg.keep,
+            "seal": self.mesh.is_main,
+            "timeout": PART_TIMEOUT_S,
+        }
+        self.pending = (step, tmp_dir(self.disk.root, step, token_hex))
+        self.lazy.start(step, *prepared, then=functools.partial(self._written, step, job), before=self._hold)
+        return True
+
+    def _persisted(self) -> str | None:
+        """Wait until this rank's agent has finished the persist asked for last (its part written;
+        on rank 0 the checkpoint sealed) and say if it failed; what went wrong, None if nothing."""
+        if self.pending is None or self.client is None:
+            return None
+        step, _ = self.pending
+        try:
+            outcome = self.client.request(op="persisted")
+        except (AgentError, OSError) as e:
+            self._agent_lost(f"the snapshot agent is gone ({e}); continuing with disk checkpoints only")
+            return str(e)
+        self.pending = None
+        failed = outcome.get("failed")
+        if outcome.get("step") != step:
+            failed = f"the agent has no record of it (its last persist: step {outcome.get('step')})"
+        if failed is not None:
+            _say(f"rank {self.mesh.rank}: persisting the checkpoint of step {step} failed: {failed}")
+        return failed
+
+    def _await_persisted(self, step: int, state: TrainState) -> Path:
+        """Every rank, after ``_persist_by_agents(step)``: return once checkpoint ``step`` is sealed;
+        if any rank's part failed, write it synchronously instead (the state is still that of step)."""
+        from longtrain.parallel import all_reduce_sum
+
+        try:
+            self.wait()  # the copy done and the persist asked for
+        except (AgentError, OSError) as e:
+            _say(f"rank {self.mesh.rank}: the snapshot of step {step} failed ({e})")
+        failed = self._persisted()
+        final = step_dir(self.disk.root, step)
+        if all_reduce_sum(failed is not None, self.mesh) > 0:
+            if self.mesh.is_main:
+                _say(
+                    f"step {step}: the agents could not persist this checkpoint; the trainer writes it (synchronously)"
+                )
+            self.disk.save(step, state)
+        self.disk.saved_step = step
+        return final
+
+    def _written(self, step: int, job: dict[str, Any] | None, slot: Slot | None) -> None:
+        """On the copy thread, after snapshot ``step`` is in ``slot`` (None: the write failed):
+        ask the agent to persist it (``job``), then code parity across ranks."""
+        if job is not None:
+            self._ask_persist(job, slot)
+        image = None if slot is None else slot.image()
+        if image is not None:
+            self.sizes = {"snapshot_bytes": image.numel()}
+        if self.layout is not None:
+            self._encode_parity(step, slot)
+
+    def _ask_persist(self, job: dict[str, Any], slot: Slot | None) -> None:
+        assert self.pending is not None
+        try:
+            if slot is None:
+                raise AgentError("its snapshot could not be written")
+            assert self.client is not None
+            self.client.request(op="persist", job={**job, "slot": str(slot.path)})
+        except (AgentError, OSError) as e:
+            mark_failed(self.pending[1], self.mesh.rank, str(e))
+
+    def _hold(self, slot: Slot) -> None:
+        """On the copy thread, before ``slot`` is written: wait until the agent no longer reads it
+        (it may still be persisting the snapshot the slot holds)."""
+        if self.client is not None:
+            with contextlib.suppress(AgentError, OSError):  # no agent: nobody reads it
+                self.client.request(op="hold", slot=str(slot.path))
 
     def wait(self) -> None:
         if self._exchange is not None:
@@ -205,24 +347,26 @@ class SnapshotCheckpointer:
             self.lazy.wait()
 
     def persist(self, step: int, state: TrainState) -> Path | None:
-        """A disk checkpoint of ``step`` (after the snapshot in flight is done). Once it is written
-        the agents have nothing newer to keep: ``close`` stops them."""
+        """Checkpoint ``step`` on disk, returning once it is there (preemption): persisted by the
+        agents if they can (a trainer killed meanwhile does not stop them), else synchronously.
+        Once it is written the agents have nothing newer to keep: ``close`` stops them."""
         self.wait()
-        path = self.disk.persist(step, state)
+        if not self.cfg.enabled:
+            return None
+        if self.disk.saved_step == step:
+            path: Path | None = step_dir(self.disk.root, step)
+        elif self.pending is not None and self.pending[0] == step:
+            path = self._await_persisted(step, state)
+        elif self._persist_by_agents(step, state):
+            path = self._await_persisted(step, state)
+        else:
+            path = self.disk.persist(step, state)
         self.finished = path is not None
         return path
 
     def stats(self) -> dict[str, float]:
         """This rank's last snapshot and the parity it keeps for the others' (bytes)."""
         return dict(self.sizes)
-
-    def _written(self, step: int, slot: Slot | None) -> None:
-        """On the copy thread, after snapshot ``step`` is in ``slot`` (None: the write failed)."""
-        image = None if slot is None else slot.image()
-        if image is not None:
-            self.sizes = {"snapshot_bytes": image.numel()}
-        if self.layout is not None:
-            self._encode_parity(step, slot)
 
     def _encode_parity(self, step: int, slot: Slot | None) -> None:
         """Every rank, after writing snapshot ``step`` (``slot``; None: its write failed): the
@@ -262,9 +406,10 @@ class SnapshotCheckpointer:
         self._exchange.start()
 
     def _capture(self, step: int, state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        model_state = state.model.state_dict()
         tensors, tree = flatten(
             {
-                "model": state.model.state_dict(),  # the parameters themselves: copied lazily
+                "model": model_state,  # the parameters themselves: copied lazily
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
                 "data": state.data.state_dict(),
@@ -277,6 +422,7 @@ class SnapshotCheckpointer:
             "tree": tree,
             "model_config": self.model_config,
             "world_size": self.mesh.world_size,
+            "tied": tied_names(model_state),  # stored once on disk, as the synchronous checkpointer does
         }
         return tensors, meta
 

@@ -55,7 +55,8 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: the message names it and what to change."""
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,8 +64,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
+
+
+_step_dir = step_dir  # the name parallel/zero3.py imports
 
 
 def file_checksum(path: Path) -> str:
@@ -162,7 +166,7 @@ def find_checkpoint(root: Path, step: int | None = None) -> Path:
                 "steps and after the last when checkpoint.enabled=true)"
             )
         return found
-    path = _step_dir(root, step)
+    path = step_dir(root, step)
     if not path.is_dir():
         steps = ", ".join(str(step_of(p)) for p in list_complete(root)) or "none"
         raise CheckpointError(
@@ -170,6 +174,43 @@ def find_checkpoint(root: Path, step: int | None = None) -> Path:
         )
     verify(path)
     return path
+
+
+def seal(
+    root: Path, tmp: Path, final: Path, step: int, keep: int, known: dict[str, tuple[int, str]] | None = None
+) -> None:
+    """Make the written directory ``tmp`` checkpoint ``final``: every file under it (subdirectories
+    included) fsynced and listed with its size and checksum in the manifest, written last, then
+    an atomic rename and the pruning of old checkpoints to the newest ``keep`` (0: all).
+    ``known``: files already fsynced and hashed by their writer (name -> size, checksum: the
+    agents' parts, ``persist.py``); their size is checked again here, their bytes are not re-read."""
+    known = known or {}
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    checksums = {}
+    for name, size in files.items():
+        if name in known:
+            if known[name][0] != size:
+                raise CheckpointError(
+                    f"{tmp / name} has {size} bytes where its writer reported {known[name][0]}; not sealing step {step}"
+                )
+            checksums[name] = known[name][1]
+        else:
+            fsync_path(tmp / name)
+            checksums[name] = file_checksum(tmp / name)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, CHECKSUM: checksums}))
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)  # the directory's entries, before it becomes visible under its final name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_path(root)  # make the rename itself durable
+    prune(root, keep)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep`` (checkpoint.keep; 0 keeps all)."""
+    if keep > 0:
+        for old in list_complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 RESUME_HINT = "use a new output_dir or checkpoint.resume=never"
@@ -257,7 +298,7 @@ class SyncCheckpointer:
             return None
         if self.saved_step != step:
             self.save(step, state)
-        return _step_dir(self.root, step)
+        return step_dir(self.root, step)
 
     def wait(self) -> None:
         """Nothing to wait for: ``save`` returns after the files are written."""
@@ -294,7 +335,7 @@ class SyncCheckpointer:
     ) -> Path | None:
         """Write checkpoint ``step`` (rank 0; the other ranks only join the gathering of a
         sharded state); returns its directory."""
-        final = _step_dir(self.root, step)
+        final = step_dir(self.root, step)
         model_state = optimizer_state = None
         if self.sharded:  # collectives: every rank gathers, rank 0 writes
             from longtrain.parallel.fsdp import full_model_state
@@ -328,25 +369,8 @@ class SyncCheckpointer:
         return final
 
     def seal(self, tmp: Path, final: Path, step: int) -> None:
-        """Make the written directory ``tmp`` checkpoint ``final``: every file under it (subdirectories
-        included) fsynced and listed with its size and checksum in the manifest, written last, then
-        an atomic rename and the pruning of old checkpoints."""
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        for name in files:
-            _fsync(tmp / name)
-        checksums = {name: file_checksum(tmp / name) for name in files}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, CHECKSUM: checksums}))
-        _fsync(tmp / MANIFEST)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _fsync(self.root)  # make the rename itself durable
-        self.prune()
-
-    def prune(self) -> None:
-        """Delete the oldest complete checkpoints beyond checkpoint.keep."""
-        if self.cfg.keep > 0:
-            for old in list_complete(self.root)[: -self.cfg.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        """Make the written directory ``tmp`` checkpoint ``final`` (``seal``), pruning to checkpoint.keep."""
+        seal(self.root, tmp, final, step, self.cfg.keep)
 
     def find_resume(self) -> Path | None:
         """auto: newest verified checkpoint under the directory (None if none), saying which newer

@@ -70,3 +70,42 @@ def tiny_adapted_model(
         init_std=0.02,
     )
     return adapt(hf, backend)
+
+
+def tiny_snapshot(step: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """A snapshot's tensors and meta as ``SnapshotCheckpointer._capture`` puts them in a slot: a
+    small model with tied embeddings (stored once on disk), AdamW after one step, an LR
+    scheduler, a data position and the RNG states."""
+    from torch import nn
+
+    from longtrain.checkpoint.flat import flatten
+    from longtrain.checkpoint.persist import tied_names
+    from longtrain.checkpoint.snapshot import rng_state
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(16, 8), nn.LayerNorm(8), nn.Linear(8, 16, bias=False))
+    model[2].weight = model[0].weight
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.arange(4)).square().sum().backward()
+    opt.step()
+    sched.step()
+    model_state = model.state_dict()
+    tensors, tree = flatten(
+        {
+            "model": model_state,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "data": {"position": step, "epoch": (0, 1)},
+            "rng": rng_state(),
+        },
+        "",
+    )
+    meta = {
+        "step": step,
+        "tree": tree,
+        "model_config": {"hidden": 8},
+        "world_size": 1,
+        "tied": tied_names(model_state),
+    }
+    return tensors, meta
