@@ -65,7 +65,7 @@ class Layout:
     search_peak: int | None  # None: the search was not needed
     mip_peak: int | None  # None: the MIP was not needed or found nothing
     method: str  # "greedy", "search" or "mip": whose offsets these are
-    mip_status: str  # "not needed", "optimal", "time limit", or why it failed
+    mip_status: str  # "not needed", "optimal", "time limit", "not run (greedy only)", or why it failed
     solve_s: float  # all stages, seconds
 
     @property
@@ -239,10 +239,15 @@ def _mip_order(
 
 
 def plan_layout(
-    items: Sequence[Item], align: int = ALIGN, time_limit_s: float = 10.0, search_steps: int = 20_000
+    items: Sequence[Item],
+    align: int = ALIGN,
+    time_limit_s: float = 10.0,
+    search_steps: int = 20_000,
+    improve: bool = True,
 ) -> Layout:
     """Offsets for ``items`` (sizes rounded to ``align``): bound, greedy, then search and MIP only
-    while the bound is missed; the search and the MIP share ``time_limit_s``."""
+    while the bound is missed; the search and the MIP share ``time_limit_s``. ``improve`` False:
+    bound and greedy only (milliseconds, and the same layout whatever the machine's load)."""
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
     if time_limit_s <= 0:
@@ -252,9 +257,10 @@ def plan_layout(
     bound = lower_bound(units)
     greedy = greedy_offsets(units)
     greedy_peak = peak_of(units, greedy)
-    offsets, method, status = greedy, "greedy", "not needed"
+    offsets, method = greedy, "greedy"
+    status = "not needed" if improve or greedy_peak <= bound else "not run (greedy only)"
     search_peak = mip_peak = None
-    if greedy_peak > bound:
+    if greedy_peak > bound and improve:
         # Restarts with the next seed from the best order so far, until the bound or half the time.
         deadline = t0 + time_limit_s / 2
         order = sorted(range(len(units)), key=lambda i: (greedy[i], i))
@@ -270,7 +276,7 @@ def plan_layout(
         if found_peak < greedy_peak:
             offsets, method = found, "search"
     best_peak = peak_of(units, offsets)
-    if best_peak > bound:
+    if best_peak > bound and improve:
         offsets, mip_peak, status = _mip(
             units, list(offsets), bound, time_limit_s - (time.perf_counter() - t0)
         )
