@@ -199,7 +199,7 @@ def plan_job(
     est = best.estimate
     # the plan's own level-2 layout, the one its verdict counts (a plan that failed before level 2
     # was needed gets one solved the same way, greedy)
-    step = best.arena or plan_step(shape, best.layout, job, best.layers, improve=False)
+    step = best.arena or plan_step(shape, best.layout, job, best.layers, quick=True)
     states = states_outside_arena(shape, best.layout)  # allocated once, outside the arena
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
     result: dict[str, Any] = {
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, best, result, hw, gpus = plan_job(args.recipe, args.overrides, args.gpus)
     if args.plot:
         job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
-        step = best.arena or plan_step(_shape(cfg), best.layout, job, best.layers, improve=False)
+        step = best.arena or plan_step(_shape(cfg), best.layout, job, best.layers, quick=True)
         title = (
             f"{args.recipe} on {gpus} x {hw.name}, seq_len {result['seq_len']}: "
             f"{'fits' if result['fits'] else 'does not fit'}, step {result['predicted_step_s']:.3g} s"

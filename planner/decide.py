@@ -566,7 +566,7 @@ def _solve_arena(shape: ModelShape, job: Job, hw: Hardware, plan: Plan) -> Plan:
     """``plan`` with its level-2 layout (greedy: milliseconds and deterministic, so the verdict
     does not depend on the machine's load; on the published plans it reaches the bound); it
     does not fit when the model states and the arena's peak exceed the usable device memory."""
-    arena = plan_step(shape, plan.layout, job, plan.layers, improve=False)
+    arena = plan_step(shape, plan.layout, job, plan.layers, quick=True)
     over = dict(plan.over)
     excess = states_outside_arena(shape, plan.layout) + arena.peak - hw.usable_device_bytes
     if excess > 0:
@@ -666,7 +666,9 @@ def search(
     if not first and (feasible := search(shape, job, hw, gpus, fixed, True, times)).fits:
         return feasible
     assert closest is not None, "no layout to evaluate"
-    return closest[1]
+    # the report of a plan that does not fit counts level 2 too (the feasibility check only
+    # needs the verdict)
+    return closest[1] if first or closest[1].arena is not None else _solve_arena(shape, job, hw, closest[1])
 
 
 def fits_at(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) -> bool:
