@@ -26,6 +26,12 @@ combinations:
   the alphas of a tier's layers keeps the sum and does not raise the time), and its best value is
   an end point, a kink or the capacity bound: those are evaluated.
 
+The device check above is the estimate's (the worse of the loss phase and the worst backward).
+A plan fits only if the whole step's arena fits too (level 2, ``step_arena.py``: model states +
+arena peak), which also counts the copies still in flight and the topmost layer's prefetch beside
+the loss (``search``). Where only that overflows, two repairs are tried, a heuristic outside the
+optimality argument: the topmost token-wise layer moved on top, fewer kept layers.
+
 A key the user set on the command line stays as set (``Fixed``); the recipe's values are where
 the planner starts, not constraints.
 """
