@@ -17,9 +17,10 @@ planning", MEMO §4.3), and the step's other device tensors are placed around th
                  copy is waited for (``swap_bytes``). offload/tokenwise.py waits for token-wise
                  layer i's copies when the next token-wise layer at i+2 or above starts its
                  forward, or when i's own prefetch starts (it waits first): so the topmost
-                 token-wise layer's copies complete before the loss, and the one below it stays
-                 in flight through the loss when no token-wise layer comes after it. An offload
-                 layer's: until F_i+2 starts (the last layer's: through the loss slot)
+                 token-wise layer's copies complete before the loss, and the token-wise layer
+                 right under it, when it is the layer directly below, stays in flight through the
+                 loss until the topmost one's backward prefetches it. An offload layer's: until
+                 F_i+2 starts (the last layer's: through the loss slot)
     loss         the final hidden states and their gradient, two fp32 [chunk, V] logits blocks
                  (estimate's ``loss`` less the LM-head gradient, placed with the gradients)
     prefetch     the whole tensors and first head rows of a token-wise layer, read back from its
@@ -38,7 +39,8 @@ live for the whole step and are allocated once outside the arena.
 The block sizes come from the cost model (estimate.py), since the full-size model is never run;
 ``plan_step(..., blocks=(forward, backward))`` takes level-1 peaks of a recorded trace instead
 (every layer then the same). The layout is solved as level 1's is (layout.plan_layout: bound,
-greedy, order search, MIP within ``time_limit_s``); ``layout.method`` says which one won.
+greedy, order search, MIP within ``time_limit_s``); ``layout.method`` says which one won. The
+planner's verdict solves it ``quick`` (greedy and a bounded order search, no MIP: decide.py).
 """
 
 from __future__ import annotations

@@ -150,6 +150,7 @@ def test_plan_json_reports_the_level_two_peak(capsys):
     assert mem["arena_fragmentation"] == arena["peak"] - arena["lower_bound"]
     assert arena["solve_s"] <= 10.0
     assert arena["fits_device"] == (arena["device_bytes"] <= result["device_capacity_bytes"])
+    assert result["fits"] and arena["fits_device"]  # the verdict counts it
 
 
 def test_a_level_two_plan_replays_through_one_arena_buffer():
@@ -170,3 +171,53 @@ def test_a_level_two_plan_replays_through_one_arena_buffer():
     result = replay(blocks, step.layout)
     assert result.reserved == step.peak and result.fragmentation == 0
     assert result.tensors == len(step.tensors) > 4 * len(layers)
+
+
+def waits_of_the_executor(modes: list[str]) -> dict[int, str]:
+    """When offload/tokenwise.py waits for each token-wise layer's copies, replayed from its rules:
+    a token-wise layer's forward first waits for every token-wise layer two or more below; the
+    end of the forward prefetches the topmost one (waiting first); each token-wise layer's
+    backward prefetches the next one below (waiting first). Event names: "F<i>", "end", "B<i>"."""
+    pending: set[int] = set()
+    waited: dict[int, str] = {}
+    for i, mode in enumerate(modes):
+        if mode == "tokenwise":
+            for j in sorted(j for j in pending if j <= i - 2):
+                waited[j] = f"F{i}"
+                pending.discard(j)
+            pending.add(i)
+    tokenwise = [i for i, m in enumerate(modes) if m == "tokenwise"]
+    if tokenwise:
+        waited.setdefault(tokenwise[-1], "end")
+    for above, below in zip(tokenwise[:0:-1], tokenwise[-2::-1], strict=True):
+        waited.setdefault(below, f"B{above}")
+    return waited
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ["tokenwise"] * 5,
+        ["tokenwise", "tokenwise", "tokenwise", "keep"],
+        ["tokenwise", "keep", "tokenwise", "recompute", "tokenwise", "keep"],
+        ["recompute", "tokenwise", "tokenwise", "keep", "keep"],
+        ["tokenwise", "tokenwise", "recompute", "tokenwise", "tokenwise", "tokenwise"],
+    ],
+)
+def test_copies_stay_in_flight_until_the_executor_waits_for_them(modes):
+    shape = ModelShape(len(modes), 64, 4, 2, 16, 160, 256, 40_000, 2 * 256 * 64 + 64, 2)
+    layers = [
+        LayerChoice(m, 0.5 if m == "tokenwise" else 0.0, "host", 256 if m == "tokenwise" else 0)
+        for m in modes
+    ]
+    step = plan_step(shape, Layout(1), Job(1024), layers)
+    n = len(modes)
+    slot = {f"F{i}": 1 + i for i in range(n)} | {"end": n + 1} | {f"B{i}": 2 * n + 1 - i for i in range(n)}
+    swaps = {x.layer: x.item for x in step.tensors if x.kind == "swap"}
+    for i, event in waits_of_the_executor(modes).items():
+        start = 1 + i + 1  # the end of layer i's forward
+        if slot[event] > start:
+            assert (swaps[i].start, swaps[i].end) == (start, slot[event]), (i, event)
+        else:  # waited before anything else runs: never beside another slot's tensors
+            assert i not in swaps
+    assert set(swaps) <= {i for i, m in enumerate(modes) if m == "tokenwise"}
