@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from longtrain.planner.arena import replay
 from longtrain.planner.estimate import (
@@ -221,3 +222,74 @@ def test_copies_stay_in_flight_until_the_executor_waits_for_them(modes):
         else:  # waited before anything else runs: never beside another slot's tensors
             assert i not in swaps
     assert set(swaps) <= {i for i, m in enumerate(modes) if m == "tokenwise"}
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ["tokenwise", "tokenwise", "tokenwise", "keep"],
+        ["tokenwise", "keep", "tokenwise", "recompute", "tokenwise", "keep"],
+        ["tokenwise", "tokenwise", "recompute", "tokenwise", "tokenwise", "tokenwise"],
+    ],
+)
+def test_the_replayed_waits_are_the_executors(monkeypatch, modes):
+    """``waits_of_the_executor`` against offload/tokenwise.py itself: a tiny model runs the plan
+    (host tier, alpha 0.5, 128-row tiles on 512 tokens) and each layer's first wait for its copies
+    is attributed to the next layer forward or rebuild that follows it, or to the end of the
+    forward (after the last layer's forward, before the forward returns)."""
+    from tiny import tiny_adapted_model
+
+    from longtrain.offload import apply_activation_memory
+    from longtrain.offload.plan import ActivationPlan, LayerPlan
+    from longtrain.offload.tokenwise import TokenwiseExecutor
+
+    events: list[tuple[str, int]] = []
+    waited: set[int] = set()
+
+    def marking(name: str, kind: str, index_of):  # record ("F"/"B", layer) then run the original
+        original = getattr(TokenwiseExecutor, name)
+
+        def wrapped(self, first, *args, **kwargs):
+            events.append((kind, index_of(first)))
+            return original(self, first, *args, **kwargs)
+
+        monkeypatch.setattr(TokenwiseExecutor, name, wrapped)
+
+    for name in ("_forward_offloaded", "_forward_kept", "_forward_recomputed"):
+        marking(name, "F", lambda parts: parts.index)
+    marking("_rebuild", "B", lambda rec: rec.index)
+    wait = TokenwiseExecutor._wait_offloads
+
+    def recording_wait(self, index):
+        if index in self.records and index not in waited:
+            waited.add(index)
+            events.append(("wait", index))
+        return wait(self, index)
+
+    monkeypatch.setattr(TokenwiseExecutor, "_wait_offloads", recording_wait)
+    model = tiny_adapted_model("llama", torch.float32, layers=len(modes))
+    plan = ActivationPlan(
+        tuple(
+            LayerPlan(m, 0.5, "host", 128) if m == "tokenwise" else LayerPlan(m, tile_rows=0) for m in modes
+        )
+    )
+    apply_activation_memory(model, plan)
+    ids = torch.randint(0, 101, (1, 512), generator=torch.Generator().manual_seed(0))
+    try:
+        out = model(input_ids=ids, labels=ids)
+        events.append(("end", -1))
+        out.loss.backward()
+    finally:
+        model.layer_executor.close()
+    real: dict[int, str] = {}
+    for k, (kind, index) in enumerate(events):
+        if kind == "wait":
+            after = next(e for e in events[k + 1 :] if e[0] != "wait")
+            real[index] = "end" if after[0] == "end" else f"{after[0]}{after[1]}"
+    # the forward's end: the topmost layer's wait happens after the last forward, before it returns
+    last_f = max(k for k, e in enumerate(events) if e[0] == "F")
+    end = events.index(("end", -1))
+    for k in range(last_f + 1, end):
+        if events[k][0] == "wait":
+            real[events[k][1]] = "end"
+    assert real == waits_of_the_executor(modes), events
