@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from longtrain.config_checks import ConfigError
 
-from .decide import Fixed, Plan, max_seq_len, search
-from .estimate import PHASES, Job, ModelShape, format_bytes
+from .decide import Fixed, Plan, max_seq_len, search, states_outside_arena
+from .estimate import Job, ModelShape, format_bytes
 from .hardware import Hardware, hardware
 from .step_arena import plan_step
 
@@ -197,9 +197,10 @@ def plan_job(
     best = search(shape, job, hw, gpus, fixed, times=times)
     longest = max_seq_len(shape, job, hw, gpus, fixed)
     est = best.estimate
-    step = plan_step(shape, best.layout, job, best.layers)
-    # the model states stay outside the arena, allocated once
-    states = sum(v for k, v in est.mem_bytes.items() if "." not in k and k not in PHASES)
+    # the plan's own level-2 layout, the one its verdict counts (a plan that failed before level 2
+    # was needed gets one solved the same way, greedy)
+    step = best.arena or plan_step(shape, best.layout, job, best.layers, quick=True)
+    states = states_outside_arena(shape, best.layout)  # allocated once, outside the arena
     tokenwise = [c for c in best.layers if c.mode == "tokenwise"]
     result: dict[str, Any] = {
         "fits": best.fits,
@@ -217,7 +218,7 @@ def plan_job(
             **step.summary(),
             "level": 2,
             "device_bytes": states + step.peak,
-            # fits follows the estimate; level 2 also counts the forward's copies in flight
+            # fits requires this besides the estimate's device total and the tiers
             "fits_device": states + step.peak <= hw.usable_device_bytes,
             "blocks": "cost model",
         },
@@ -278,11 +279,7 @@ def _text(recipe: str, result: dict[str, Any], hw: Hardware) -> str:
             f"{format_bytes(arena['peak'])}, {format_bytes(arena['fragmentation'])} above the bytes live "
             f"at once ({arena['method']}, {arena['solve_s']:.2f} s); with the model states "
             f"{format_bytes(arena['device_bytes'])}"
-            + (
-                ""
-                if arena["fits_device"]
-                else " (over the usable device memory: the verdict does not count it)"
-            ),
+            + ("" if arena["fits_device"] else " (over the usable device memory)"),
             f"off the device (per device): {off or 'nothing'}; per node host "
             f"{format_bytes(result['host_bytes_per_node'])} of {format_bytes(hw.host_bytes)}, file "
             f"{format_bytes(result['file_bytes_per_node'])} of {format_bytes(hw.nvme_bytes)}",
@@ -329,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, best, result, hw, gpus = plan_job(args.recipe, args.overrides, args.gpus)
     if args.plot:
         job = Job(cfg.train.seq_len, cfg.data.micro_batch_size, cfg.train.grad_accum)
-        step = plan_step(_shape(cfg), best.layout, job, best.layers)
+        step = best.arena or plan_step(_shape(cfg), best.layout, job, best.layers, quick=True)
         title = (
             f"{args.recipe} on {gpus} x {hw.name}, seq_len {result['seq_len']}: "
             f"{'fits' if result['fits'] else 'does not fit'}, step {result['predicted_step_s']:.3g} s"

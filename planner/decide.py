@@ -26,6 +26,12 @@ combinations:
   the alphas of a tier's layers keeps the sum and does not raise the time), and its best value is
   an end point, a kink or the capacity bound: those are evaluated.
 
+The device check above is the estimate's (the worse of the loss phase and the worst backward).
+A plan fits only if the whole step's arena fits too (level 2, ``step_arena.py``: model states +
+arena peak), which also counts the copies still in flight and the topmost layer's prefetch beside
+the loss (``search``). Where only that overflows, two repairs are tried, a heuristic outside the
+optimality argument: the topmost token-wise layer moved on top, fewer kept layers.
+
 A key the user set on the command line stays as set (``Fixed``); the recipe's values are where
 the planner starts, not constraints.
 """
@@ -42,6 +48,7 @@ from longtrain.offload.cost import ROW_ALIGN
 
 from .estimate import (
     OPTIM_TIERS,
+    PHASES,
     SHARDS,
     Estimate,
     Job,
@@ -62,6 +69,7 @@ from .estimate import (
     turnaround_seconds,
 )
 from .hardware import Hardware
+from .step_arena import StepArena, plan_step, step_lower_bound
 
 if TYPE_CHECKING:
     from .profile import StepTimes
@@ -95,6 +103,8 @@ class Plan:
     estimate: Estimate
     fits: bool
     over: dict[str, int] = field(default_factory=dict)  # resource -> bytes over its capacity
+    # the level-2 layout of its step (None: not solved, the plan failed before it was needed)
+    arena: StepArena | None = None
 
     def plan_json(self) -> dict[str, Any]:
         """The ``activation.plan`` file (offload/plan.py's schema)."""
@@ -467,6 +477,146 @@ def _over(est: Estimate, hw: Hardware) -> dict[str, int]:
     return {k: v for k, v in over.items() if v > 0}
 
 
+def states_outside_arena(shape: ModelShape, layout: Layout) -> int:
+    """The model states the device holds for the whole step, allocated once outside the arena:
+    parameters, their casts, the optimizer state (the gradients are arena tensors)."""
+    return sum(v for k, v in model_state_bytes(shape, layout).items() if "." not in k and k not in PHASES)
+
+
+def _candidate(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    cap: Capacity | None,
+    tile: int,
+    fixed: Fixed,
+    first: bool,
+    times: StepTimes | None,
+) -> Plan:
+    """The plan of one layout and tile size, its overflows by the estimate and by level 2's
+    lower bound (``step_lower_bound``; the layout itself is solved by ``_solve_arena``)."""
+    mode = fixed.mode or "tokenwise"
+    layers: list[LayerChoice] | None = None
+    found = False
+    if mode == "tokenwise" and cap is not None:
+        layers = _mixed_plan(shape, layout, job, hw, cap, tile, fixed, first, times)
+        found = layers is not None
+    if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
+        if mode == "tokenwise":
+            alpha = fixed.alpha or 0.0
+            layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
+        else:
+            layers = _uniform(shape, mode, tile)
+    est = estimate(shape, layout, job, layers, hw, times)
+    over = _over(est, hw)
+    if mode == "tokenwise" and not found and cap is not None:
+        # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance
+        rpn = min(layout.gpus, hw.gpus_per_node)
+        for tier, room in (("host", cap.host), ("file", cap.file)):
+            excess = est.mem_bytes[f"{tier}.activations"] - room
+            if excess > 0:
+                over[tier] = max(over.get(tier, 0), excess * rpn)
+        if not over:  # the host/file split of whole layers: no split fits
+            over["host+file"] = 1
+    if cap is None:
+        over.setdefault("optimizer", 1)
+    return _judged(shape, layout, job, hw, layers, fixed, est, over)
+
+
+def _judged(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    layers: list[LayerChoice],
+    fixed: Fixed,
+    est: Estimate,
+    over: dict[str, int],
+) -> Plan:
+    """The plan of ``layers`` with ``over`` (the estimate's overflows) completed: the host
+    budget, and level 2's lower bound where nothing else overflows."""
+    if fixed.host_budget is not None and est.mem_bytes["host.activations"] > fixed.host_budget:
+        over["activation.host_budget_bytes"] = est.mem_bytes["host.activations"] - fixed.host_budget
+    if not over:
+        l2 = states_outside_arena(shape, layout) + step_lower_bound(shape, layout, job, layers)
+        if l2 > hw.usable_device_bytes:
+            over["device"] = l2 - hw.usable_device_bytes
+    return Plan(layout, layers, est, not over, over)
+
+
+def _top_swapped_last(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    fixed: Fixed,
+    plan: Plan,
+    times: StepTimes | None,
+) -> Plan | None:
+    """``plan`` with its topmost token-wise layer moved above the kept and recomputed ones (None:
+    it is already on top). The runtime waits for the topmost token-wise layer's copies before
+    the loss, and a token-wise layer two above another waits for that one's; so on top, no copy
+    is left in flight beside the loss and the kept layers' held tensors, for the price of the
+    turn from forward to backward no longer hiding behind the kept layers."""
+    layers = plan.layers
+    top = max((i for i, c in enumerate(layers) if c.mode == "tokenwise"), default=None)
+    if top is None or top == len(layers) - 1:
+        return None
+    moved = [*layers[:top], *layers[top + 1 :], layers[top]]
+    est = estimate(shape, layout, job, moved, hw, times)
+    return _judged(shape, layout, job, hw, moved, fixed, est, _over(est, hw))
+
+
+def _solve_arena(shape: ModelShape, job: Job, hw: Hardware, plan: Plan) -> Plan:
+    """``plan`` with its level-2 layout (greedy: milliseconds and deterministic, so the verdict
+    does not depend on the machine's load; on the published plans it reaches the bound); it
+    does not fit when the model states and the arena's peak exceed the usable device memory."""
+    arena = plan_step(shape, plan.layout, job, plan.layers, quick=True)
+    over = dict(plan.over)
+    excess = states_outside_arena(shape, plan.layout) + arena.peak - hw.usable_device_bytes
+    if excess > 0:
+        over["device"] = max(over.get("device", 0), excess)
+    return dataclasses.replace(plan, fits=not over, over=over, arena=arena)
+
+
+def _level2_repair(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    hw: Hardware,
+    cap: Capacity | None,
+    tile: int,
+    fixed: Fixed,
+    first: bool,
+    times: StepTimes | None,
+    plan: Plan,
+) -> Plan:
+    """Where only level 2 overflows (the estimate fits), the fastest of the same layout and tile
+    with the topmost token-wise layer moved on top (``_top_swapped_last``) and with fewer kept
+    layers (the search keeps the most the estimate allows, and each is held beside the loss and
+    the copies still in flight), each also moved; ``plan`` when none fits."""
+    only_level2 = set(plan.over) == {"device"} and plan.estimate.device_bytes <= hw.usable_device_bytes
+    if plan.fits or not only_level2 or fixed.mode not in (None, "tokenwise"):
+        return plan
+    kept = sum(c.mode == "keep" for c in plan.layers)
+    trials = [plan]
+    if fixed.keep_last is None:  # a fixed keep_last asks for those layers kept on top
+        for k in reversed(range(kept)):
+            trials.append(
+                _candidate(
+                    shape, layout, job, hw, cap, tile, dataclasses.replace(fixed, keep_last=k), first, times
+                )
+            )
+        trials += [
+            m for p in list(trials) if (m := _top_swapped_last(shape, layout, job, hw, fixed, p, times))
+        ]
+    fitting = [p for p in trials if p.fits]
+    if not fitting:
+        return plan
+    return fitting[0] if first else min(fitting, key=lambda p: p.estimate.step_s)
+
+
 def search(
     shape: ModelShape,
     job: Job,
@@ -479,9 +629,23 @@ def search(
     """The fastest plan that fits, or (``fits`` False) the plan that overflows least; ``first``:
     the first plan found that fits (feasibility only: the smallest tiles, alpha 0); ``times``:
     the step's pieces measured at one rank's tokens (planner/profile.py), used for the layouts
-    with that many tokens per rank (FLOPs at a fixed rate for the others)."""
-    best: Plan | None = None
+    with that many tokens per rank (FLOPs at a fixed rate for the others).
+
+    Fitting counts the whole step (level 2, ``step_arena.py``): the model states plus the arena's
+    peak within the usable device memory, besides the estimate's device total and the tiers.
+    Candidates are screened with level 2's lower bound (milliseconds); the layout is solved for
+    the fastest survivors only, in order, until one's peak fits. When no plan tuned for speed
+    fits, the feasibility plan (alpha 0, the smallest tiles) is returned if it does, so ``fits``
+    and ``max_seq_len`` agree."""
+    passed: list[Plan] = []
     closest: tuple[int, Plan] | None = None
+
+    def rejected(plan: Plan) -> None:
+        nonlocal closest
+        total = sum(plan.over.values())
+        if closest is None or total < closest[0]:
+            closest = (total, plan)
+
     for layout in _layouts(gpus, fixed, job.seq_len * job.micro_batch):
         t = job.tokens_per_rank(layout.cp)
         measured = times if times is not None and times.tokens == t else None
@@ -490,46 +654,27 @@ def search(
         mode = fixed.mode or "tokenwise"
         tiles = _tile_candidates(t, fixed, "keep" if mode == "none" else mode)
         for tile in (tiles[1:2] or tiles) if first else tiles:  # first: the smallest tile only
-            layers: list[LayerChoice] | None = None
-            found = False
-            if mode == "tokenwise" and cap is not None:
-                layers = _mixed_plan(shape, layout, job, hw, cap, tile, fixed, first, measured)
-                found = layers is not None
-            if layers is None:  # evaluate the smallest-memory uniform plan to report what overflows
-                if mode == "tokenwise":
-                    alpha = fixed.alpha or 0.0
-                    layers = [LayerChoice("tokenwise", alpha, fixed.tier or "host", tile)] * shape.layers
-                else:
-                    layers = _uniform(shape, mode, tile)
-            est = estimate(shape, layout, job, layers, hw, measured)
-            over = _over(est, hw)
-            if mode == "tokenwise" and not found and cap is not None:
-                # what the tiers have left per rank after the optimizer state, budgets, NVMe endurance
-                rpn = min(layout.gpus, hw.gpus_per_node)
-                for tier, room in (("host", cap.host), ("file", cap.file)):
-                    excess = est.mem_bytes[f"{tier}.activations"] - room
-                    if excess > 0:
-                        over[tier] = max(over.get(tier, 0), excess * rpn)
-                if not over:  # the host/file split of whole layers: no split fits
-                    over["host+file"] = 1
-            if cap is None:
-                over.setdefault("optimizer", 1)
-            if fixed.host_budget is not None and est.mem_bytes["host.activations"] > fixed.host_budget:
-                over["activation.host_budget_bytes"] = est.mem_bytes["host.activations"] - fixed.host_budget
-            plan = Plan(layout, layers, est, not over, over)
-            if plan.fits:
-                if first:
+            plan = _candidate(shape, layout, job, hw, cap, tile, fixed, first, measured)
+            plan = _level2_repair(shape, layout, job, hw, cap, tile, fixed, first, measured, plan)
+            if plan.fits and first:
+                plan = _solve_arena(shape, job, hw, plan)
+                if plan.fits:
                     return plan
-                if best is None or est.step_s < best.estimate.step_s:
-                    best = plan
+            if plan.fits:
+                passed.append(plan)
             else:
-                total = sum(over.values())
-                if closest is None or total < closest[0]:
-                    closest = (total, plan)
-    if best is not None:
-        return best
+                rejected(plan)
+    for plan in sorted(passed, key=lambda p: p.estimate.step_s):
+        plan = _solve_arena(shape, job, hw, plan)
+        if plan.fits:
+            return plan
+        rejected(plan)
+    if not first and (feasible := search(shape, job, hw, gpus, fixed, True, times)).fits:
+        return feasible
     assert closest is not None, "no layout to evaluate"
-    return closest[1]
+    # the report of a plan that does not fit counts level 2 too (the feasibility check only
+    # needs the verdict)
+    return closest[1] if first or closest[1].arena is not None else _solve_arena(shape, job, hw, closest[1])
 
 
 def fits_at(shape: ModelShape, job: Job, hw: Hardware, gpus: int, fixed: Fixed) -> bool:

@@ -26,6 +26,7 @@ The device's peak (``device_total``) is not the sum: the loss's transient and a 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -199,7 +200,7 @@ class ModelShape:
             dtype_bytes=getattr(torch, dtype).itemsize,
         )
 
-    @property
+    @functools.cached_property  # read ~10^5 times by a search; the fields are frozen
     def per_token(self) -> LayerBytes:
         return layer_bytes(self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn, self.dtype_bytes)
 

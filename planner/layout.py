@@ -65,7 +65,7 @@ class Layout:
     search_peak: int | None  # None: the search was not needed
     mip_peak: int | None  # None: the MIP was not needed or found nothing
     method: str  # "greedy", "search" or "mip": whose offsets these are
-    mip_status: str  # "not needed", "optimal", "time limit", or why it failed
+    mip_status: str  # "not needed", "optimal", "time limit", "not run (quick)", or why it failed
     solve_s: float  # all stages, seconds
 
     @property
@@ -239,10 +239,17 @@ def _mip_order(
 
 
 def plan_layout(
-    items: Sequence[Item], align: int = ALIGN, time_limit_s: float = 10.0, search_steps: int = 20_000
+    items: Sequence[Item],
+    align: int = ALIGN,
+    time_limit_s: float = 10.0,
+    search_steps: int = 20_000,
+    quick: bool = False,
 ) -> Layout:
     """Offsets for ``items`` (sizes rounded to ``align``): bound, greedy, then search and MIP only
-    while the bound is missed; the search and the MIP share ``time_limit_s``."""
+    while the bound is missed; the search and the MIP share ``time_limit_s``. ``quick``: one pass
+    of the search (``search_steps`` seeded steps, no restarts) and no MIP, so the work is bounded
+    by the steps and the layout is the same whatever the machine's load (unless the pass runs
+    into half of ``time_limit_s``)."""
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
     if time_limit_s <= 0:
@@ -252,7 +259,8 @@ def plan_layout(
     bound = lower_bound(units)
     greedy = greedy_offsets(units)
     greedy_peak = peak_of(units, greedy)
-    offsets, method, status = greedy, "greedy", "not needed"
+    offsets, method = greedy, "greedy"
+    status = "not needed"
     search_peak = mip_peak = None
     if greedy_peak > bound:
         # Restarts with the next seed from the best order so far, until the bound or half the time.
@@ -263,14 +271,16 @@ def plan_layout(
             order = search_order(units, order, bound, search_steps, deadline - time.perf_counter(), seed)
             found = compact(units, order)
             found_peak = peak_of(units, found)
-            if found_peak <= bound or search_steps == 0 or time.perf_counter() >= deadline:
+            if found_peak <= bound or search_steps == 0 or quick or time.perf_counter() >= deadline:
                 break
             seed += 1
         search_peak = found_peak
         if found_peak < greedy_peak:
             offsets, method = found, "search"
     best_peak = peak_of(units, offsets)
-    if best_peak > bound:
+    if best_peak > bound and quick:
+        status = "not run (quick)"
+    elif best_peak > bound:
         offsets, mip_peak, status = _mip(
             units, list(offsets), bound, time_limit_s - (time.perf_counter() - t0)
         )

@@ -14,13 +14,18 @@ planning", MEMO §4.3), and the step's other device tensors are placed around th
                  saves; recompute: its input; ``estimate.activation_device_bytes``): end of F_i to
                  end of B_i
     swap         a token-wise (or offload) layer's offloaded bytes stay on the device until their
-                 copy completes (``swap_bytes``); offload/tokenwise.py lets two layers' copies be
-                 in flight, so until F_i+2 starts (the last layer's: through the loss slot)
+                 copy is waited for (``swap_bytes``). offload/tokenwise.py waits for token-wise
+                 layer i's copies when the next token-wise layer at i+2 or above starts its
+                 forward, or when i's own prefetch starts (it waits first): so the topmost
+                 token-wise layer's copies complete before the loss, and the token-wise layer
+                 right under it, when it is the layer directly below, stays in flight through the
+                 loss until the topmost one's backward prefetches it. An offload layer's: until
+                 F_i+2 starts (the last layer's: through the loss slot)
     loss         the final hidden states and their gradient, two fp32 [chunk, V] logits blocks
                  (estimate's ``loss`` less the LM-head gradient, placed with the gradients)
     prefetch     the whole tensors and first head rows of a token-wise layer, read back from its
                  tier while the layers above it run their backward (the topmost one from the end
-                 of the forward): to the start of its B_j
+                 of the forward, so through the loss slot): to the start of its B_j
     backward     B_i, layer i's backward transient (``estimate.layer_peak_bytes`` without the
                  prefetch, which is its own tensor here), ring buffers included
     grads        gradients as backward produces them (head's from the loss, layer i's from B_i,
@@ -34,7 +39,8 @@ live for the whole step and are allocated once outside the arena.
 The block sizes come from the cost model (estimate.py), since the full-size model is never run;
 ``plan_step(..., blocks=(forward, backward))`` takes level-1 peaks of a recorded trace instead
 (every layer then the same). The layout is solved as level 1's is (layout.plan_layout: bound,
-greedy, order search, MIP within ``time_limit_s``); ``layout.method`` says which one won.
+greedy, order search, MIP within ``time_limit_s``); ``layout.method`` says which one won. The
+planner's verdict solves it ``quick`` (greedy and a bounded order search, no MIP: decide.py).
 """
 
 from __future__ import annotations
@@ -53,8 +59,13 @@ from .estimate import (
     layer_peak_bytes,
     memory_bytes,
 )
-from .layout import Item, plan_layout
+from .layout import Item, lower_bound, plan_layout, rounded
 from .layout import Layout as ArenaLayout
+
+# steps of the order search in a quick solve: where greedy misses the bound, a few steps usually
+# reach it (a 32-layer token-wise plan at 640K tokens: greedy 18% above, the search at the bound
+# in 8 ms); each step is one compaction, about a millisecond for 32 layers
+QUICK_SEARCH_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -151,25 +162,34 @@ def step_tensors(
         if size > 0 and stop > start:
             out.append(Placed(kind, layer, Item(size, start, stop)))
 
+    # prefetch of each token-wise layer j: from the backward of the next token-wise layer above
+    # it (from the end of the forward, before the loss, for the topmost) to its own backward
+    tokenwise = [i for i, c in enumerate(layers) if c.mode == "tokenwise"]
+    fetch_from: dict[int, int] = {}
+    above = loss_slot
+    for j in reversed(tokenwise):
+        fetch_from[j] = above
+        above = bwd(j)
+
     add("embedding", None, t * e * h, 0, fwd(0) + 1)
     for i, c in enumerate(layers):
         f_bytes = blocks[0] if blocks else forward_block_bytes(shape, t, c)
         b_bytes = blocks[1] if blocks else layer_peak_bytes(shape, t, c, None)
         add("forward", i, f_bytes + ring, fwd(i), fwd(i) + 1)
         add("held", i, activation_device_bytes(shape, t, c), fwd(i) + 1, bwd(i) + 1)
-        if c.mode in ("tokenwise", "offload"):
+        if c.mode == "tokenwise":
+            # offload/tokenwise.py waits for layer i's copies when the next token-wise layer at
+            # i + 2 or above starts its forward, or when its own prefetch starts (which waits
+            # first), whichever comes first: the topmost token-wise layer's before the loss
+            waited = next((fwd(j) for j in tokenwise if j >= i + 2), fetch_from[i])
+            add("swap", i, swap_bytes(shape, t, c), fwd(i) + 1, min(waited, fetch_from[i]))
+        elif c.mode == "offload":
             add("swap", i, swap_bytes(shape, t, c), fwd(i) + 1, min(fwd(i + 2), loss_slot + 1))
         add("backward", i, b_bytes + ring, bwd(i), bwd(i) + 1)
-    # prefetch of each token-wise layer j: from the backward of the next token-wise layer above
-    # it (from the loss for the topmost) to its own backward
-    above = loss_slot
-    for j in reversed(range(n)):
+    for j in tokenwise:
         c = layers[j]
-        if c.mode != "tokenwise":
-            continue
         head = min(split_row(c.alpha, t), c.tile_rows or t)
-        add("prefetch", j, t * shape.whole_bytes + head * shape.rows_bytes, above, bwd(j))
-        above = bwd(j)
+        add("prefetch", j, t * shape.whole_bytes + head * shape.rows_bytes, fetch_from[j], bwd(j))
     head_v = 4 * shape.vocab * h
     add("loss", None, mem["loss"] - head_v, loss_slot, loss_slot + 1)
     if mem["grads_held"]:
@@ -192,8 +212,29 @@ def plan_step(
     layers: list[LayerChoice],
     blocks: tuple[int, int] | None = None,
     time_limit_s: float = 10.0,
+    quick: bool = False,
 ) -> StepArena:
-    """The level-2 layout of one micro-batch's step (module docstring)."""
+    """The level-2 layout of one micro-batch's step (module docstring); ``quick``: greedy and one
+    pass of ``QUICK_SEARCH_STEPS`` of the order search, no MIP (``layout.plan_layout``), as the
+    planner's search solves it: bounded work, the same layout on any machine load."""
     tensors, slots = step_tensors(shape, layout, job, layers, blocks)
-    arena = plan_layout([x.item for x in tensors], time_limit_s=time_limit_s)
+    items = [x.item for x in tensors]
+    if quick:
+        arena = plan_layout(items, time_limit_s=time_limit_s, search_steps=QUICK_SEARCH_STEPS, quick=True)
+    else:
+        arena = plan_layout(items, time_limit_s=time_limit_s)
     return StepArena(tuple(tensors), arena, slots)
+
+
+def step_lower_bound(
+    shape: ModelShape,
+    layout: Layout,
+    job: Job,
+    layers: list[LayerChoice],
+    blocks: tuple[int, int] | None = None,
+) -> int:
+    """The most bytes of ``plan_step``'s tensors live at one slot, sizes rounded as the layout
+    rounds them: no level-2 peak is below it (``plan_step(...).layout.lower_bound``, without
+    solving the layout; about a millisecond for 32 layers)."""
+    tensors, _ = step_tensors(shape, layout, job, layers, blocks)
+    return lower_bound([Item(rounded(x.item.size), x.item.start, x.item.end) for x in tensors])

@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from longtrain.planner.arena import replay
 from longtrain.planner.estimate import (
@@ -150,6 +151,7 @@ def test_plan_json_reports_the_level_two_peak(capsys):
     assert mem["arena_fragmentation"] == arena["peak"] - arena["lower_bound"]
     assert arena["solve_s"] <= 10.0
     assert arena["fits_device"] == (arena["device_bytes"] <= result["device_capacity_bytes"])
+    assert result["fits"] and arena["fits_device"]  # the verdict counts it
 
 
 def test_a_level_two_plan_replays_through_one_arena_buffer():
@@ -170,3 +172,124 @@ def test_a_level_two_plan_replays_through_one_arena_buffer():
     result = replay(blocks, step.layout)
     assert result.reserved == step.peak and result.fragmentation == 0
     assert result.tensors == len(step.tensors) > 4 * len(layers)
+
+
+def waits_of_the_executor(modes: list[str]) -> dict[int, str]:
+    """When offload/tokenwise.py waits for each token-wise layer's copies, replayed from its rules:
+    a token-wise layer's forward first waits for every token-wise layer two or more below; the
+    end of the forward prefetches the topmost one (waiting first); each token-wise layer's
+    backward prefetches the next one below (waiting first). Event names: "F<i>", "end", "B<i>"."""
+    pending: set[int] = set()
+    waited: dict[int, str] = {}
+    for i, mode in enumerate(modes):
+        if mode == "tokenwise":
+            for j in sorted(j for j in pending if j <= i - 2):
+                waited[j] = f"F{i}"
+                pending.discard(j)
+            pending.add(i)
+    tokenwise = [i for i, m in enumerate(modes) if m == "tokenwise"]
+    if tokenwise:
+        waited.setdefault(tokenwise[-1], "end")
+    for above, below in zip(tokenwise[:0:-1], tokenwise[-2::-1], strict=True):
+        waited.setdefault(below, f"B{above}")
+    return waited
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ["tokenwise"] * 5,
+        ["tokenwise", "tokenwise", "tokenwise", "keep"],
+        ["tokenwise", "keep", "tokenwise", "recompute", "tokenwise", "keep"],
+        ["recompute", "tokenwise", "tokenwise", "keep", "keep"],
+        ["tokenwise", "tokenwise", "recompute", "tokenwise", "tokenwise", "tokenwise"],
+    ],
+)
+def test_copies_stay_in_flight_until_the_executor_waits_for_them(modes):
+    shape = ModelShape(len(modes), 64, 4, 2, 16, 160, 256, 40_000, 2 * 256 * 64 + 64, 2)
+    layers = [
+        LayerChoice(m, 0.5 if m == "tokenwise" else 0.0, "host", 256 if m == "tokenwise" else 0)
+        for m in modes
+    ]
+    step = plan_step(shape, Layout(1), Job(1024), layers)
+    n = len(modes)
+    slot = {f"F{i}": 1 + i for i in range(n)} | {"end": n + 1} | {f"B{i}": 2 * n + 1 - i for i in range(n)}
+    swaps = {x.layer: x.item for x in step.tensors if x.kind == "swap"}
+    for i, event in waits_of_the_executor(modes).items():
+        start = 1 + i + 1  # the end of layer i's forward
+        if slot[event] > start:
+            assert (swaps[i].start, swaps[i].end) == (start, slot[event]), (i, event)
+        else:  # waited before anything else runs: never beside another slot's tensors
+            assert i not in swaps
+    assert set(swaps) <= {i for i, m in enumerate(modes) if m == "tokenwise"}
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ["tokenwise", "tokenwise", "tokenwise", "keep"],
+        ["tokenwise", "keep", "tokenwise", "recompute", "tokenwise", "keep"],
+        ["tokenwise", "tokenwise", "recompute", "tokenwise", "tokenwise", "tokenwise"],
+    ],
+)
+def test_the_replayed_waits_are_the_executors(monkeypatch, modes):
+    """``waits_of_the_executor`` against offload/tokenwise.py itself: a tiny model runs the plan
+    (host tier, alpha 0.5, 128-row tiles on 512 tokens) and each layer's first wait for its copies
+    is attributed to the next layer forward or rebuild that follows it, or to the end of the
+    forward (after the last layer's forward, before the forward returns)."""
+    from tiny import tiny_adapted_model
+
+    from longtrain.offload import apply_activation_memory
+    from longtrain.offload.plan import ActivationPlan, LayerPlan
+    from longtrain.offload.tokenwise import TokenwiseExecutor
+
+    events: list[tuple[str, int]] = []
+    waited: set[int] = set()
+
+    def marking(name: str, kind: str, index_of):  # record ("F"/"B", layer) then run the original
+        original = getattr(TokenwiseExecutor, name)
+
+        def wrapped(self, first, *args, **kwargs):
+            events.append((kind, index_of(first)))
+            return original(self, first, *args, **kwargs)
+
+        monkeypatch.setattr(TokenwiseExecutor, name, wrapped)
+
+    for name in ("_forward_offloaded", "_forward_kept", "_forward_recomputed"):
+        marking(name, "F", lambda parts: parts.index)
+    marking("_rebuild", "B", lambda rec: rec.index)
+    wait = TokenwiseExecutor._wait_offloads
+
+    def recording_wait(self, index):
+        if index in self.records and index not in waited:
+            waited.add(index)
+            events.append(("wait", index))
+        return wait(self, index)
+
+    monkeypatch.setattr(TokenwiseExecutor, "_wait_offloads", recording_wait)
+    model = tiny_adapted_model("llama", torch.float32, layers=len(modes))
+    plan = ActivationPlan(
+        tuple(
+            LayerPlan(m, 0.5, "host", 128) if m == "tokenwise" else LayerPlan(m, tile_rows=0) for m in modes
+        )
+    )
+    apply_activation_memory(model, plan)
+    ids = torch.randint(0, 101, (1, 512), generator=torch.Generator().manual_seed(0))
+    try:
+        out = model(input_ids=ids, labels=ids)
+        events.append(("end", -1))
+        out.loss.backward()
+    finally:
+        model.layer_executor.close()
+    real: dict[int, str] = {}
+    for k, (kind, index) in enumerate(events):
+        if kind == "wait":
+            after = next(e for e in events[k + 1 :] if e[0] != "wait")
+            real[index] = "end" if after[0] == "end" else f"{after[0]}{after[1]}"
+    # the forward's end: the topmost layer's wait happens after the last forward, before it returns
+    last_f = max(k for k, e in enumerate(events) if e[0] == "F")
+    end = events.index(("end", -1))
+    for k in range(last_f + 1, end):
+        if events[k][0] == "wait":
+            real[events[k][1]] = "end"
+    assert real == waits_of_the_executor(modes), events
