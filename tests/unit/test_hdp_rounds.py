@@ -24,7 +24,9 @@ SMALL_COST = CostModel(attn=1e-6, linear=1e-3, fixed=0.05, comm=2e-4)
 def _batch(seed: int, n_docs: int, capacity: int, n_ranks: int) -> list[int]:
     rng = np.random.default_rng(seed)
     short = rng.integers(1, capacity + 1, n_docs)
-    long_ = rng.integers(capacity + 1, (capacity - 1) * n_ranks + 1, n_docs // 8) if n_ranks > 1 else []
+    long_: np.ndarray | list[int] = (
+        rng.integers(capacity + 1, (capacity - 1) * n_ranks + 1, n_docs // 8) if n_ranks > 1 else []
+    )
     return [int(s) for s in np.concatenate([short, long_, [0]])]
 
 
