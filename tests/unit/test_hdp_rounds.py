@@ -12,11 +12,15 @@ import torch
 from tiny import tiny_adapted_model
 
 from longtrain.offload import apply_activation_memory
+from longtrain.parallel import Mesh
 from longtrain.parallel.cost_model import DEFAULT_COST, CostModel
 from longtrain.parallel.hdp import HdpPlan, Job, check_plan, plan_hdp
 from longtrain.parallel.hdp_rounds import HdpRounds, build_rounds, check_rounds
 from longtrain.parallel.shards import padding_shard
 from longtrain.parallel.simulate import heavy_tailed_lengths, static_mesh
+from longtrain.trainer.batches import check_layout
+from longtrain.trainer.compose import compose
+from longtrain.trainer.config import ConfigError
 
 SMALL_COST = CostModel(attn=1e-6, linear=1e-3, fixed=0.05, comm=2e-4)
 
@@ -117,3 +121,21 @@ def test_padding_micro_batch_adds_exact_zeros(activation):
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_alpha_auto_with_hdp_fsdp_on_several_ranks_is_one_line_naming_the_key():
+    """The alpha probe all-gathers a layer when a rank's row count changes: under lock-step rounds
+    the ranks' row counts differ, so it would hang; refused before the first step."""
+
+    cfg = compose("tiny_cpu", ["parallel.mode=hdp", "parallel.shard=fsdp", "activation.alpha=auto"])
+    model = apply_activation_memory(
+        tiny_adapted_model("llama", torch.float64, layers=2, vocab=101), cfg.activation
+    )
+    two = Mesh(rank=0, world_size=2, dp_rank=0, dp_size=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="activation.alpha") as err:
+        check_layout(cfg, two, model)
+    assert "\n" not in str(err.value) and "parallel.shard" in str(err.value)
+    one = Mesh(rank=0, world_size=1, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    check_layout(cfg, one, model)  # one process: unsharded, nothing to hang
+    fixed = compose("tiny_cpu", ["parallel.mode=hdp", "parallel.shard=fsdp", "activation.alpha=0.5"])
+    check_layout(fixed, two, apply_activation_memory(model, fixed.activation))
