@@ -22,9 +22,10 @@ small packs that fill waits before rings would each take a round); the largest p
 free slots of the longest ring rounds, and the rest fill rounds of their own, n packs a round,
 largest together. A round lasts about as long as its longest job (the all-gathers hold the ranks
 together layer by layer): ``makespan`` is the sum of those maxima, and padding is the price of
-lock-step: a rank idles through a round for which it has no job. On the simulator's heavy-tailed
-batch (64 ranks, context 256K, capacity 16K) 4.4% of rank-rounds are padding and the rounds take
-1.29x the free-running balanced plan's makespan (docs/parallel.md).
+lock-step: a rank idles through a round for which it has no job. On the simulator's default
+heavy-tailed batch (64 ranks, context 256K, capacity 16K) 13.8% of rank-rounds are padding and the
+rounds take 1.27x the free-running balanced plan's makespan, still 1.90x the static mesh's
+throughput (docs/parallel.md has the table).
 """
 
 from __future__ import annotations
