@@ -103,6 +103,8 @@ def build_rounds(plan: HdpPlan, cost: CostModel = DEFAULT_COST) -> HdpRounds:
             row[k] = dataclasses.replace(pack, ranks=(k,), start=float(i))
             busy[k] += pack.cost
         rounds.append(row)
+    if not rounds:  # no document with a target: one round of padding, so every gradient is a zero
+        rounds.append([None] * n)  # (as with parallel.shard=none), not missing
     return HdpRounds(rounds, n)
 
 
@@ -117,7 +119,7 @@ def check_rounds(plan: HdpPlan, rounds: HdpRounds) -> None:
     rings = {job.docs: job.ranks for job in plan.jobs if len(job.ranks) > 1}
     for i, row in enumerate(rounds.rounds):
         assert len(row) == plan.n_ranks, f"round {i} has {len(row)} slots for {plan.n_ranks} ranks"
-        assert any(j is not None for j in row), f"round {i} is padding on every rank"
+        assert any(j is not None for j in row) or not plan.jobs, f"round {i} is padding on every rank"
         for k, job in enumerate(row):
             if job is None or k != job.ranks[0]:
                 continue

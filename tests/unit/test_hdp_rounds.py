@@ -70,6 +70,13 @@ def test_ring_cycle_needs_a_third_round():
     assert len(rounds.rounds) == 3 and rounds.empty_per_rank == [1, 1, 1]
 
 
+def test_a_batch_without_documents_is_one_round_of_padding():
+    plan = plan_hdp([0, 0], 3, 16, SMALL_COST)
+    rounds = build_rounds(plan, SMALL_COST)
+    check_rounds(plan, rounds)
+    assert rounds.rounds == [[None, None, None]] and rounds.empty_fraction == 1.0
+
+
 def test_check_rounds_catches_a_split_ring_and_a_lost_document():
     ring = Job((0,), (0, 1), 10, 1.0, 0.0)
     pack = Job((1,), (1,), 5, 0.5, 0.0)
