@@ -36,7 +36,8 @@ class ParallelConfig:
     backend: torch.distributed backend; auto = nccl on CUDA, gloo on CPU.
     shard: how model states are held over the data-parallel ranks: none (replicated; gradients
         all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded, ZeRO-3, over
-        the dp ranks, in mode cp over dp x cp; not with mode hdp; parallel/fsdp.py) | deepspeed (a
+        the dp ranks, in mode cp over dp x cp, in mode hdp over all ranks, the step's jobs then run
+        in lock-step rounds with padding, parallel/hdp_rounds.py; parallel/fsdp.py) | deepspeed (a
         DeepSpeed ZeRO-3 engine built from longtrain's config, optimizer state offloaded by DeepSpeed
         per optim.offload none / dram / nvme; parallel/zero3.py).
     """
@@ -82,12 +83,6 @@ class ParallelConfig:
                 f"parallel.shard=deepspeed with parallel.mode={self.mode} is not supported: the engine's "
                 "partitioning has not been combined with context parallelism yet; use parallel.shard=fsdp "
                 "(mode cp) or none"
-            )
-        if self.mode == "hdp" and self.shard == "fsdp":
-            raise ConfigError(
-                "parallel.shard=fsdp with parallel.mode=hdp is not supported: hdp ranks run different "
-                "numbers of micro-batches, and FSDP's per-layer all-gathers would wait on each other; "
-                "use parallel.shard=none"
             )
 
     def resolve_data_parallel(self, world_size: int) -> int:

@@ -134,7 +134,7 @@ def ring_size(s: int, capacity: int, n_ranks: int, key: str = CAPACITY_KEY) -> i
     )
 
 
-def _best_fit_packs(docs: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def best_fit_packs(docs: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: each document into the fullest pack it fits (rooms kept sorted)."""
     packs: list[list[int]] = []
     rooms: list[tuple[int, int]] = []  # (room left, pack index), ascending
@@ -189,7 +189,7 @@ def _naive(long_docs, short_docs, sizes, lengths, n_ranks: int, capacity: int, c
     """ByteScale's naive HDP: best-fit packs and minimal rings in data order, ranks round robin."""
     free = np.zeros(n_ranks)
     jobs: list[Job] = []
-    items: list[list[int]] = [[d] for d in long_docs] + _best_fit_packs(short_docs, lengths, capacity)
+    items: list[list[int]] = [[d] for d in long_docs] + best_fit_packs(short_docs, lengths, capacity)
     cursor = 0
     for members in sorted(items, key=lambda m: m[0]):
         g = sizes[members[0]] if len(members) == 1 else 1

@@ -8,6 +8,7 @@ document.
     stream = DocStream.from_rows(input_ids_bs, labels_bs, doc_spans)   # documents with targets
     job    = stream.select(docs)                                        # an hdp job's documents
     shard  = pack_shard(job) | ring_shard(job, ranks, rank, kernel) | ulysses_shard(job, group, rank, core)
+    shard  = padding_shard()   # a lock-step round without a job for this rank
     model(input_ids=shard.input_ids, targets=shard.targets, position_ids=shard.position_ids,
           doc_spans=shard.doc_spans, attention=shard.attention)
 
@@ -125,6 +126,14 @@ def pack_shard(stream: DocStream) -> Shard:
     positions = [torch.arange(n) for n in stream.lengths]
     pos = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
     return Shard(stream.input_ids[None], stream.targets[None], pos[None], DocSpans(stream.cu_seqlens))
+
+
+def padding_shard() -> Shard:
+    """One row of padding (token 0, no target): a rank's micro-batch in a lock-step round where it
+    has no job (parallel/hdp_rounds.py). It runs every layer, so it joins the round's collectives,
+    and gives loss 0 and exactly zero gradients."""
+    one = torch.zeros(1, 1, dtype=torch.long)
+    return Shard(one, torch.full_like(one, IGNORE_INDEX), one.clone(), DocSpans((0, 1)))
 
 
 def _local(stream: DocStream, index: Tensor, positions: Tensor, docs: DocSpans, core) -> Shard:

@@ -27,6 +27,7 @@ from longtrain.config_checks import ConfigError
 
 from .cost_model import DEFAULT_COST, CostModel
 from .hdp import HdpPlan, plan_hdp
+from .hdp_rounds import build_rounds
 
 
 def parse_tokens(text: str | int) -> int:
@@ -123,6 +124,7 @@ def simulate(
         t0 = time.perf_counter()
         balanced = plan_hdp(lengths, n_ranks, capacity, cost, balance=True)
         times.append((time.perf_counter() - t0) * 1e3)
+    rounds = build_rounds(balanced, cost)  # what parallel.shard=fsdp runs
     arr = np.array(lengths)
     result = {
         "ranks": n_ranks,
@@ -145,6 +147,9 @@ def simulate(
         "imbalance": balanced.imbalance,
         "hdp_imbalance": naive.imbalance,
         "static_imbalance": static["imbalance"],
+        "fsdp_rounds_tokens_per_s": tokens / rounds.makespan,
+        "fsdp_rounds": len(rounds.rounds),
+        "fsdp_empty_fraction": rounds.empty_fraction,
         "balanced_jobs": len(balanced.jobs),
         "balanced_rings": sum(1 for j in balanced.jobs if len(j.ranks) > 1),
         "planner_ms": statistics.median(times),

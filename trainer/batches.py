@@ -7,7 +7,9 @@
     hdp  every rank reads the whole global batch (``train.global_batch_tokens``, independent of the
          number of ranks) and plans it the same way (``plan_hdp``): documents longer than the
          per-rank token capacity on rings of ranks, the rest in packs; a rank runs its jobs in the
-         global order (ranks may run different numbers of micro-batches, or none)
+         global order (ranks may run different numbers of micro-batches, or none); with
+         ``parallel.shard=fsdp`` in lock-step rounds, one micro-batch per rank and round, padding
+         where a rank has no job (``parallel/hdp_rounds.py``)
 
 ``next_step()`` returns a ``StepWork``: this rank's shards (``parallel/shards.py``) and, where
 every rank knows it without a collective, the step's global loss-token count.
@@ -29,7 +31,8 @@ from longtrain.offload.tokenwise import TokenwiseExecutor
 from longtrain.parallel import Mesh, all_reduce_sums, broadcast_object
 from longtrain.parallel.cost_model import fit_cost_model, profile_packs
 from longtrain.parallel.hdp import DEFAULT_COST, CostModel, HdpPlan, plan_hdp, ring_size
-from longtrain.parallel.shards import DocStream, Shard, pack_shard, ring_shard, ulysses_shard
+from longtrain.parallel.hdp_rounds import HdpRounds, build_rounds
+from longtrain.parallel.shards import DocStream, Shard, pack_shard, padding_shard, ring_shard, ulysses_shard
 from longtrain.parallel.ulysses import check_ulysses
 from longtrain.trainer.data import IGNORE_INDEX, MicroBatch, PackedLoader
 from longtrain.trainer.model.adapter import CausalLM, shift_labels
@@ -69,6 +72,8 @@ class StepBatches:
         self.capacity = token_capacity(cfg)
         self.cost: CostModel = DEFAULT_COST
         self.last_plan: HdpPlan | None = None
+        # sharded model states: every rank must reach the same per-layer collectives
+        self.lock_step = cfg.parallel.shard == "fsdp" and mesh.distributed
 
     def __iter__(self) -> Iterator[StepWork]:
         return self
@@ -103,20 +108,15 @@ class StepBatches:
         return Work(shard, tuple(stream.lengths), 1.0 / p)
 
     def _hdp_step(self, mb: MicroBatch) -> StepWork:
-        """Plan the global batch (identically on every rank) and cut out this rank's jobs."""
+        """Plan the global batch (identically on every rank) and cut out this rank's jobs; with
+        sharded model states (``parallel.shard=fsdp``) as lock-step rounds (``build_rounds``)."""
         assert mb.doc_spans is not None
         stream = DocStream.from_rows(mb.input_ids, mb.labels, mb.doc_spans)
         balance = self.cfg.parallel.hdp_balance
         plan = plan_hdp(stream.lengths, self.mesh.world_size, self.capacity, self.cost, balance=balance)
         self.last_plan = plan
-        work = []
-        for job in plan.rank_jobs(self.mesh.rank):
-            part = stream.select(job.docs)
-            if len(job.ranks) == 1:
-                work.append(Work(pack_shard(part), tuple(part.lengths)))
-            else:
-                shard = ring_shard(part, job.ranks, self.mesh.rank, self.cfg.model.attention)
-                work.append(Work(shard, tuple(part.lengths), 1.0 / len(job.ranks)))
+        rounds = build_rounds(plan, self.cost) if self.lock_step else None
+        work = hdp_work(plan, stream, self.mesh.rank, self.cfg.model.attention, rounds)
         per_rank = [len(plan.rank_jobs(r)) for r in range(plan.n_ranks)]
         stats = {
             "hdp_jobs": len(plan.jobs),
@@ -125,7 +125,37 @@ class StepBatches:
             "hdp_rank_jobs_max": max(per_rank),
             "planned_imbalance": plan.imbalance,
         }
+        if rounds is not None:
+            empty = rounds.empty_per_rank
+            stats |= {
+                "hdp_rounds": len(rounds.rounds),
+                "hdp_empty_rounds": sum(empty),  # padding micro-batches over all ranks
+                "hdp_empty_rounds_max": max(empty),  # on the rank with the most
+                "hdp_empty_fraction": rounds.empty_fraction,
+                "planned_round_slowdown": rounds.makespan / plan.makespan if plan.makespan > 0 else 1.0,
+            }
         return StepWork(work, num_tokens=stream.num_loss_tokens, stats=stats)
+
+
+def hdp_work(
+    plan: HdpPlan, stream: DocStream, rank: int, kernel: str, rounds: HdpRounds | None = None
+) -> list[Work]:
+    """This rank's micro-batches of an hdp step: its jobs in the global order, or with ``rounds``
+    one per round (a padding micro-batch where it has no job). ``kernel``: ring attention's block
+    kernel (``model.attention``)."""
+    jobs = plan.rank_jobs(rank) if rounds is None else rounds.rank_rounds(rank)
+    work = []
+    for job in jobs:
+        if job is None:
+            work.append(Work(padding_shard(), (), 0.0))
+            continue
+        part = stream.select(job.docs)
+        if len(job.ranks) == 1:
+            work.append(Work(pack_shard(part), tuple(part.lengths)))
+        else:
+            shard = ring_shard(part, job.ranks, rank, kernel)
+            work.append(Work(shard, tuple(part.lengths), 1.0 / len(job.ranks)))
+    return work
 
 
 HDP_COST_FILE = "hdp_cost.json"
@@ -262,6 +292,13 @@ def check_layout(cfg: JobConfig, mesh: Mesh, model: CausalLM) -> None:
             "activation.alpha=auto with parallel.mode=cp, parallel.shard=fsdp and several cp groups "
             f"(parallel.data_parallel={mesh.dp_size}) would hang (the alpha probe all-gathers layers when "
             "a group's row count changes); set activation.alpha to a number, or parallel.shard=none"
+        )
+    if par.mode == "hdp" and par.shard == "fsdp" and mesh.distributed and _probes_alpha(model):
+        # the same: in a round the ranks run micro-batches of different row counts
+        raise ConfigError(
+            "activation.alpha=auto with parallel.mode=hdp and parallel.shard=fsdp would hang (the alpha "
+            "probe all-gathers layers when a rank's row count changes, and hdp ranks' row counts differ); "
+            "set activation.alpha to a number, or parallel.shard=none"
         )
     if par.mode == "hdp":
         # the longest document a packed row can hold is train.seq_len tokens

@@ -5,7 +5,11 @@ global batch (plan_hdp: some documents on rings, the rest in packs), runs its jo
 order (a ring job through RingAttention on the zigzag shard, with the shard's RoPE positions and
 pre-shifted targets; a pack through the model's own core), scales each loss sum by the global
 token count and sums gradients over the world. The oracle is one process on the whole batch.
-Runs with the plain executor and with the token-wise executor (out/lse offloaded whole).
+Runs with the plain executor and with the token-wise executor (out/lse offloaded whole), then
+with model states sharded by FSDP2 over all ranks (``parallel.shard=fsdp``): the step's jobs as
+lock-step rounds (``build_rounds``; padding micro-batches where a rank has no job) through the
+trainer's shards (``hdp_work``) and its gradient sync (reduce-scatter in the last round only);
+the oracle is compared with the full (gathered) gradients.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import torch
 import torch.distributed as dist
 
 from longtrain.offload import apply_activation_memory
+from longtrain.parallel import ParallelConfig, apply_sharding, init_mesh
 from longtrain.parallel.hdp import CostModel, check_plan, plan_hdp
+from longtrain.parallel.hdp_rounds import build_rounds, check_rounds
 from longtrain.parallel.ring import RingAttention
+from longtrain.parallel.shards import DocStream
 from longtrain.parallel.zigzag import ZigzagLayout
+from longtrain.trainer.batches import hdp_work
 from longtrain.trainer.model.adapter import IGNORE_INDEX, adapt, shift_labels
 from longtrain.trainer.model.attention import DocSpans
 from longtrain.trainer.model.hf import build_hf_model
@@ -126,9 +134,51 @@ def main(out_dir: Path) -> None:
             "max_grad": max(v.abs().max().item() for v in oracle.values()),
             "stats": {k: float(v) for k, v in model.layer_executor_stats().items()},
         }
+    result["fsdp"] = _fsdp_rounds(model, plan, cost, ids, labels, cu, global_count, oracle_loss, oracle)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _fsdp_rounds(model, plan, cost, ids, labels, cu, global_count, oracle_loss, oracle) -> dict:
+    """The step with FSDP2 over all ranks, as the trainer runs it (train.py ``train_step``)."""
+    model.zero_grad(set_to_none=True)
+    mesh = init_mesh(ParallelConfig(mode="hdp", shard="fsdp"), "cpu")
+    sharding = apply_sharding(ParallelConfig(mode="hdp", shard="fsdp"), model, mesh)
+    assert sharding.sharded
+    stream = DocStream.from_rows(ids[None], labels[None], DocSpans(tuple(cu)))
+    assert stream.num_loss_tokens == global_count
+    rounds = build_rounds(plan, cost)
+    check_rounds(plan, rounds)
+    work = hdp_work(plan, stream, mesh.rank, "cpu_flash", rounds)
+    assert len(work) == len(rounds.rounds)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, w in enumerate(work):
+        sh = w.shard
+        out = model(
+            input_ids=sh.input_ids,
+            targets=sh.targets,
+            position_ids=sh.position_ids,
+            doc_spans=sh.doc_spans,
+            attention=sh.attention,
+            loss_normalizer=global_count,
+        )
+        sharding.grad_sync.before_backward(i == len(work) - 1)
+        sharding.grad_sync.backward(out.loss)
+        loss_sum += out.loss_sum.detach()
+    sharding.grad_sync.after_backward()
+    params = dict(model.named_parameters())
+    full = {n: params[n].grad.full_tensor() for n in oracle}  # collective, same order on every rank
+    dist.all_reduce(loss_sum)
+    return {
+        "loss_diff": abs(loss_sum.item() / global_count - oracle_loss),
+        "max_grad_diff": max((full[n] - oracle[n]).abs().max().item() for n in oracle),
+        "max_grad": max(v.abs().max().item() for v in oracle.values()),
+        "stats": {k: float(v) for k, v in model.layer_executor_stats().items()},
+        "rounds": [[None if j is None else j.layout for j in row] for row in rounds.rounds],
+        "empty": rounds.empty_per_rank[mesh.rank],
+        "sharded": all(type(p).__name__ == "DTensor" for p in params.values()),
+    }
 
 
 if __name__ == "__main__":

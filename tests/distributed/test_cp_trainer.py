@@ -74,7 +74,8 @@ def test_hdp_four_ranks_logs_the_losses_of_one_process(tmp_path, longtrain_cmd, 
 def test_hdp_rings_and_packs_and_resume_on_another_world_size(tmp_path, longtrain_cmd, oracle):
     """token_capacity 64 < seq_len 128: long documents on rings, ranks running different numbers
     of micro-batches; the step-2 checkpoint resumes on 2 ranks and continues with the same losses
-    (the data position does not depend on the world size)."""
+    (the data position does not depend on the world size), there with model states sharded by FSDP2
+    (the jobs in lock-step rounds; a fixed alpha: see check_layout)."""
     capacity = "parallel.token_capacity=64"
     proc = train(longtrain_cmd, tmp_path, "--nproc", "4", "parallel.mode=hdp", capacity)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,12 +88,16 @@ def test_hdp_rings_and_packs_and_resume_on_another_world_size(tmp_path, longtrai
         "guard: uneven micro-batch counts"
     )
     shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
-    proc = train(longtrain_cmd, tmp_path, "--nproc", "2", "parallel.mode=hdp", capacity)
+    fsdp = ("parallel.shard=fsdp", "activation.alpha=0.5")
+    proc = train(longtrain_cmd, tmp_path, "--nproc", "2", "parallel.mode=hdp", capacity, *fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
     resumed = read_metrics(tmp_path)
     assert_same_run(oracle, resumed)
     assert [len(r["busy_s"]) for r in resumed] == [4, 4, 2, 2]
+    for r in resumed[2:]:  # lock-step rounds: every rank ran hdp_rounds micro-batches, some padding
+        assert r["hdp_rings"] > 0 and 0 <= r["hdp_empty_rounds"] < 2 * r["hdp_rounds"], r
+        assert r["optim_device_bytes"] < 0.55 * oracle[r["step"] - 1]["optim_device_bytes"], "sharded"
 
 
 @pytest.mark.parametrize(

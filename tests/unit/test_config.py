@@ -173,8 +173,8 @@ def test_invalid_value_is_one_line_naming_the_key(override, expected):
     ("overrides", "expected"),
     [
         (
-            ["parallel.mode=hdp", "parallel.shard=fsdp"],
-            "parallel.shard=fsdp with parallel.mode=hdp is not supported",
+            ["parallel.mode=hdp", "parallel.shard=deepspeed"],
+            "parallel.shard=deepspeed with parallel.mode=hdp is not supported",
         ),
         (
             ["parallel.mode=hdp", "train.global_batch_tokens=1000"],
