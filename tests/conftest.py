@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +73,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+FRESH_CHILD = "LONGTRAIN_TEST_FRESH_CHILD"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """``@pytest.mark.fresh_heap``: the test runs in a new interpreter. The CPU byte counter
+    (offload/memory.py) reads glibc's mallinfo2, which walks every free heap chunk: late in a long
+    suite the heap holds hundreds of thousands of them and a counted step takes minutes (measured:
+    three such tests 553 s in the suite, 26 s alone); a fresh process has a clean heap."""
+    if pyfuncitem.get_closest_marker("fresh_heap") is None or os.environ.get(FRESH_CHILD):
+        return None
+    root = pyfuncitem.config.rootpath
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", pyfuncitem.nodeid],
+        cwd=root,
+        env={**os.environ, FRESH_CHILD: "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        pytest.fail(f"{pyfuncitem.nodeid} failed in its fresh process:\n{out.stdout[-6000:]}{out.stderr[-2000:]}")
+    return True

@@ -234,6 +234,7 @@ def peak_mib(model, t, activation):
     return counter.peak_bytes / 2**20
 
 
+@pytest.mark.fresh_heap
 @pytest.mark.parametrize("mode", ["tokenwise", "recompute"])
 def test_transient_peak_scales_with_tile_rows_not_seq(mode):
     """hidden 32, intermediate 2048: one layer's MLP intermediates dominate its transient. Untiled,
@@ -254,6 +255,7 @@ def test_transient_peak_scales_with_tile_rows_not_seq(mode):
     assert 2 * tile_x_ffn < bigger_tile - tiled[0] < 12 * tile_x_ffn, (bigger_tile, tiled[0])
 
 
+@pytest.mark.fresh_heap
 def test_layer_input_leaves_during_the_attention_backward(tmp_path, monkeypatch):
     """Once q, k, v are rebuilt, only the pre-attention backward reads the layer input again: the
     file tier drops it for the attention backward (the layer's peak) and reads it back once, which
