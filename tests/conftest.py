@@ -96,5 +96,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         timeout=900,
     )
     if out.returncode != 0:
-        pytest.fail(f"{pyfuncitem.nodeid} failed in its fresh process:\n{out.stdout[-6000:]}{out.stderr[-2000:]}")
+        pytest.fail(
+            f"{pyfuncitem.nodeid} failed in its fresh process:\n{out.stdout[-6000:]}{out.stderr[-2000:]}"
+        )
     return True
