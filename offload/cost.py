@@ -9,6 +9,16 @@ no more than the host tier holds:
 S_whole: bytes offloaded whole per layer (layer input, attention output, logsumexp);
 S_rows: bytes of the other saved tensors of one layer over all t rows; B: copy bandwidth
 (bytes/s); T_layer: one layer's forward time.
+
+A tiled layer (``activation.tile_rows``) waits for a head tile's copies two tiles later and reads
+a head tile back one tile ahead of its backward (offload/tokenwise.py), so a row's copy hides
+behind about one tile of row-wise compute, not behind the whole layer: with R the row-wise
+forward time of one row (its recompute), a row's write is exposed by max(0, s/B - R) and its read
+by max(0, s/B - 2R) (the backward is about twice the forward), s the row's bytes. Offloading a row
+then costs its exposed copy time and recomputing it costs R, and both grow linearly with alpha: the
+cheaper one is taken for every row (alpha 1 up to the tier budget, or 0). Measured behind emulated
+links of 0.3-5 GB/s (docs/benchmarks.md, the link scan): offloaded head tiles are exposed long
+before the layer-level rule says.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ def tokenwise_alpha(
     copy_bytes_per_s: float,
     n_offloaded: int,
     host_budget_bytes: int,
+    tiles: int = 1,
+    rowwise_forward_s: float | None = None,
 ) -> float:
-    """Largest alpha in [0, 1] meeting both constraints (0 when even the whole tensors miss the time)."""
+    """Largest alpha in [0, 1] meeting both constraints (0 when even the whole tensors miss the time).
+    ``tiles`` > 1 (the layer's tile count) with ``rowwise_forward_s`` (the row-wise parts' forward
+    over all rows): the tiled rule of the module docstring decides the time part."""
     if n_offloaded == 0 or row_bytes == 0:
         return 1.0
     if n_offloaded * whole_bytes > host_budget_bytes:
@@ -34,8 +48,19 @@ def tokenwise_alpha(
             "activation.tier=file, or raise activation.keep_last"
         )
     time_alpha = (layer_forward_s * copy_bytes_per_s - whole_bytes) / row_bytes
+    if tiles > 1 and rowwise_forward_s is not None:
+        exposed = exposed_row_copy_s(row_bytes, rowwise_forward_s, copy_bytes_per_s)
+        if exposed > 0.0:  # every offloaded row costs copy time: offload all rows or none
+            time_alpha = 1.0 if exposed < rowwise_forward_s else 0.0
     memory_alpha = (host_budget_bytes / n_offloaded - whole_bytes) / row_bytes
     return max(0.0, min(1.0, time_alpha, memory_alpha))
+
+
+def exposed_row_copy_s(row_bytes: int, rowwise_forward_s: float, copy_bytes_per_s: float) -> float:
+    """Copy time of a tiled layer's rows (all t, write and read) that one tile of row-wise compute
+    does not hide; its recompute would take ``rowwise_forward_s``."""
+    copy_s = row_bytes / copy_bytes_per_s
+    return max(0.0, copy_s - rowwise_forward_s) + max(0.0, copy_s - 2 * rowwise_forward_s)
 
 
 # The offloaded head ends on a multiple of ROW_ALIGN rows (unless it is the whole sequence). CPU BLAS

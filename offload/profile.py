@@ -33,6 +33,7 @@ from .copy_engine import ThreadCopyEngine
 from .cost import offloaded_bytes, tokenwise_alpha
 from .plan import ActivationPlan, LayerPlan
 from .store import ActivationStore, HostStore
+from .tiles import resolve_tile_rows, tile_bounds
 from .tokenwise import TokenwiseExecutor
 
 PROBE_ROWS = 64
@@ -46,6 +47,7 @@ class LayerProfile:
     copy_bytes_per_s: float  # one write of a layer-sized buffer into the store
     whole_bytes_per_token: float  # offloaded whole: layer input, attention output, logsumexp
     row_bytes_per_token: float  # every other saved tensor, per token row
+    rowwise_forward_s: float | None = None  # the forward minus its attention core: a row's recompute
 
 
 def saved_bytes_per_token(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> tuple[float, float]:
@@ -97,6 +99,21 @@ def layer_forward_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, ru
     return min(times[1:])
 
 
+def attention_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int = 2) -> float:
+    """The layer's attention core alone (no grad) on q, k, v of ``x_th``: the fastest of ``runs``
+    timed runs after an untimed one."""
+    times = []
+    with torch.no_grad():
+        q, k, v = parts.call(parts.pre_attention, x_th, ctx.cos_td, ctx.sin_td)
+        for _ in range(runs + 1):
+            t0 = time.perf_counter()
+            ctx.attention(parts, q, k, v)
+            if x_th.is_cuda:
+                torch.cuda.synchronize(x_th.device)
+            times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 def measure(
     layers: list[LayerParts],
     x_th: Tensor,
@@ -107,12 +124,14 @@ def measure(
     gives x_th and ctx), with copies into ``store``."""
     whole_pt, rows_pt = saved_bytes_per_token(layers[0], x_th, ctx)
     layer_s = layer_forward_seconds(layers[0], x_th, ctx)
+    attention_s = attention_seconds(layers[0], x_th, ctx)
     bandwidth = copy_bandwidth(store, int((whole_pt + rows_pt) * x_th.shape[0]), x_th.device)
     return LayerProfile(
         layer_forward_s=layer_s,
         copy_bytes_per_s=bandwidth,
         whole_bytes_per_token=whole_pt,
         row_bytes_per_token=rows_pt,
+        rowwise_forward_s=max(0.0, layer_s - attention_s),
     )
 
 
@@ -126,9 +145,11 @@ def default_budget(host_budget_bytes: int | None, tier: str, file_dir: str | Non
     return int(0.5 * psutil.virtual_memory().available)
 
 
-def resolve_alpha(profile: LayerProfile, t: int, n_offloaded: int, budget_bytes: int) -> float:
-    """alpha for ``t`` tokens and ``n_offloaded`` layers sharing ``budget_bytes`` of one tier, from a
-    measured profile (``cost.tokenwise_alpha``)."""
+def resolve_alpha(
+    profile: LayerProfile, t: int, n_offloaded: int, budget_bytes: int, tiles: int = 1
+) -> float:
+    """alpha for ``t`` tokens and ``n_offloaded`` layers of ``tiles`` row tiles each sharing
+    ``budget_bytes`` of one tier, from a measured profile (``cost.tokenwise_alpha``)."""
     alpha = tokenwise_alpha(
         int(profile.whole_bytes_per_token * t),
         int(profile.row_bytes_per_token * t),
@@ -136,6 +157,8 @@ def resolve_alpha(profile: LayerProfile, t: int, n_offloaded: int, budget_bytes:
         profile.copy_bytes_per_s,
         n_offloaded,
         budget_bytes,
+        tiles,
+        profile.rowwise_forward_s,
     )
     # The executor cuts at split_row(alpha, t) <= round(alpha * t) rows; rounding up could overrun the
     # budget (and the copy time) by half a row per layer, so cut at a whole row count.
@@ -174,7 +197,9 @@ def auto_alphas(
         whole, rows = int(prof.whole_bytes_per_token * t), int(prof.row_bytes_per_token * t)
         fixed = sum(offloaded_bytes(whole, rows, float(alphas[i]), t, 1) for i in tokenwise if i not in auto)
         budget = default_budget(plan.host_budget_bytes, tier, plan.file_dir) - fixed
-        alpha = resolve_alpha(prof, t, len(auto), budget)
+        ffn = layers[auto[0]].gate_proj.out_features
+        rows = resolve_tile_rows(plan.layers[auto[0]].tile_rows, t, x_th.shape[1], ffn)
+        alpha = resolve_alpha(prof, t, len(auto), budget, len(tile_bounds(t, rows)))
         for i in auto:
             alphas[i] = alpha
     return alphas, profiles
