@@ -11,14 +11,13 @@ S_rows: bytes of the other saved tensors of one layer over all t rows; B: copy b
 (bytes/s); T_layer: one layer's forward time.
 
 A tiled layer (``activation.tile_rows``) waits for a head tile's copies two tiles later and reads
-a head tile back one tile ahead of its backward (offload/tokenwise.py), so a row's copy hides
-behind about one tile of row-wise compute, not behind the whole layer: with R the row-wise
-forward time of one row (its recompute), a row's write is exposed by max(0, s/B - R) and its read
-by max(0, s/B - 2R) (the backward is about twice the forward), s the row's bytes. Offloading a row
-then costs its exposed copy time and recomputing it costs R, and both grow linearly with alpha: the
-cheaper one is taken for every row (alpha 1 up to the tier budget, or 0). Measured behind emulated
-links of 0.3-5 GB/s (docs/benchmarks.md, the link scan): offloaded head tiles are exposed long
-before the layer-level rule says.
+a head tile back one tile ahead of its backward (offload/tokenwise.py), so little of a row's copy
+hides: measured behind emulated links of 0.3-5 GB/s (docs/benchmarks.md, the link scan), the
+forward exposed nearly all of the rows' writes and the backward the part of their reads longer
+than one tile's row-wise compute. With s the bytes of all rows, R their row-wise forward (their
+recompute) and, on a CPU device, M the bandwidth of a copy into the tier (the CPU itself copies:
+once out, once back), offloading costs about s/B + max(0, s/B - R) + 2 s/M and recomputing R, both
+linear in alpha: the cheaper is taken for every row (alpha 1 up to the tier budget, or 0).
 """
 
 from __future__ import annotations
@@ -35,10 +34,12 @@ def tokenwise_alpha(
     host_budget_bytes: int,
     tiles: int = 1,
     rowwise_forward_s: float | None = None,
+    host_copy_bytes_per_s: float | None = None,
 ) -> float:
     """Largest alpha in [0, 1] meeting both constraints (0 when even the whole tensors miss the time).
     ``tiles`` > 1 (the layer's tile count) with ``rowwise_forward_s`` (the row-wise parts' forward
-    over all rows): the tiled rule of the module docstring decides the time part."""
+    over all rows): the tiled rule of the module docstring decides the time part
+    (``host_copy_bytes_per_s``: M, None where a copy engine other than the CPU copies)."""
     if n_offloaded == 0 or row_bytes == 0:
         return 1.0
     if n_offloaded * whole_bytes > host_budget_bytes:
@@ -48,19 +49,21 @@ def tokenwise_alpha(
             "activation.tier=file, or raise activation.keep_last"
         )
     time_alpha = (layer_forward_s * copy_bytes_per_s - whole_bytes) / row_bytes
-    if tiles > 1 and rowwise_forward_s is not None:
-        exposed = exposed_row_copy_s(row_bytes, rowwise_forward_s, copy_bytes_per_s)
-        if exposed > 0.0:  # every offloaded row costs copy time: offload all rows or none
-            time_alpha = 1.0 if exposed < rowwise_forward_s else 0.0
+    if tiles > 1 and rowwise_forward_s is not None:  # every row costs the same: all rows or none
+        offload_s = row_offload_seconds(row_bytes, rowwise_forward_s, copy_bytes_per_s, host_copy_bytes_per_s)
+        time_alpha = 1.0 if offload_s < rowwise_forward_s else 0.0
     memory_alpha = (host_budget_bytes / n_offloaded - whole_bytes) / row_bytes
     return max(0.0, min(1.0, time_alpha, memory_alpha))
 
 
-def exposed_row_copy_s(row_bytes: int, rowwise_forward_s: float, copy_bytes_per_s: float) -> float:
-    """Copy time of a tiled layer's rows (all t, write and read) that one tile of row-wise compute
-    does not hide; its recompute would take ``rowwise_forward_s``."""
+def row_offload_seconds(
+    row_bytes: int, rowwise_forward_s: float, copy_bytes_per_s: float, host_copy_bytes_per_s: float | None
+) -> float:
+    """What offloading all the rows of a tiled layer costs the step (the module docstring):
+    the exposed write and read, and the CPU's own copies; recomputing them costs ``rowwise_forward_s``."""
     copy_s = row_bytes / copy_bytes_per_s
-    return max(0.0, copy_s - rowwise_forward_s) + max(0.0, copy_s - 2 * rowwise_forward_s)
+    cpu_s = 2 * row_bytes / host_copy_bytes_per_s if host_copy_bytes_per_s else 0.0
+    return copy_s + max(0.0, copy_s - rowwise_forward_s) + cpu_s
 
 
 # The offloaded head ends on a multiple of ROW_ALIGN rows (unless it is the whole sequence). CPU BLAS

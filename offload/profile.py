@@ -48,6 +48,7 @@ class LayerProfile:
     whole_bytes_per_token: float  # offloaded whole: layer input, attention output, logsumexp
     row_bytes_per_token: float  # every other saved tensor, per token row
     rowwise_forward_s: float | None = None  # the forward minus its attention core: a row's recompute
+    host_copy_bytes_per_s: float | None = None  # CPU device: a write into the tier itself (no link)
 
 
 def saved_bytes_per_token(parts: LayerParts, x_th: Tensor, ctx: LayerContext) -> tuple[float, float]:
@@ -125,13 +126,18 @@ def measure(
     whole_pt, rows_pt = saved_bytes_per_token(layers[0], x_th, ctx)
     layer_s = layer_forward_seconds(layers[0], x_th, ctx)
     attention_s = attention_seconds(layers[0], x_th, ctx)
-    bandwidth = copy_bandwidth(store, int((whole_pt + rows_pt) * x_th.shape[0]), x_th.device)
+    nbytes = int((whole_pt + rows_pt) * x_th.shape[0])
+    bandwidth = copy_bandwidth(store, nbytes, x_th.device)
+    host_copy = None
+    if x_th.device.type == "cpu":  # the CPU copies itself: what a copy costs its compute
+        host_copy = copy_bandwidth(getattr(store, "store", store), nbytes, x_th.device)
     return LayerProfile(
         layer_forward_s=layer_s,
         copy_bytes_per_s=bandwidth,
         whole_bytes_per_token=whole_pt,
         row_bytes_per_token=rows_pt,
         rowwise_forward_s=max(0.0, layer_s - attention_s),
+        host_copy_bytes_per_s=host_copy,
     )
 
 
@@ -159,6 +165,7 @@ def resolve_alpha(
         budget_bytes,
         tiles,
         profile.rowwise_forward_s,
+        profile.host_copy_bytes_per_s,
     )
     # The executor cuts at split_row(alpha, t) <= round(alpha * t) rows; rounding up could overrun the
     # budget (and the copy time) by half a row per layer, so cut at a whole row count.
@@ -192,7 +199,12 @@ def auto_alphas(
             first = next(iter(profiles.values()))
             layer_bytes = int((first.whole_bytes_per_token + first.row_bytes_per_token) * t)
             bandwidth = copy_bandwidth(stores[tier], layer_bytes, x_th.device)
-            prof = dataclasses.replace(first, copy_bytes_per_s=bandwidth)
+            host_copy = None
+            if x_th.device.type == "cpu":
+                host_copy = copy_bandwidth(
+                    getattr(stores[tier], "store", stores[tier]), layer_bytes, x_th.device
+                )
+            prof = dataclasses.replace(first, copy_bytes_per_s=bandwidth, host_copy_bytes_per_s=host_copy)
         profiles[tier] = prof
         whole, rows = int(prof.whole_bytes_per_token * t), int(prof.row_bytes_per_token * t)
         fixed = sum(offloaded_bytes(whole, rows, float(alphas[i]), t, 1) for i in tokenwise if i not in auto)

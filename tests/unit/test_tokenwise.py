@@ -634,23 +634,29 @@ def test_tokenwise_alpha(args, expected):
     assert math.isclose(cost.tokenwise_alpha(*args), expected, abs_tol=1e-12)
 
 
-def test_tiled_alpha_offloads_every_row_or_none_when_a_tile_cannot_hide_its_copies():
-    """A tiled layer hides a row's copy behind about one tile of row-wise compute (its read behind
-    two). Here the row-wise forward takes 1 s for all rows and the layer 4 s, the whole tensors are
-    free to copy: a link that moves the rows in 0.5 s hides them (the layer-level rule, capped by
-    the budget); one that needs 1.5 s exposes 0.5 s of writes, less than the 1 s of recompute an
-    offloaded row saves (alpha 1); one that needs 3 s exposes 3 s, more than the recompute (alpha 0)."""
+def test_tiled_alpha_offloads_every_row_or_none():
+    """A tiled layer hides little of a row's copy (cost.py): offloading all rows costs their write,
+    the part of their read longer than their recompute, and on a CPU device the CPU's two copies.
+    Here the rows' row-wise forward (their recompute) takes 1 s and the layer's 4 s: a link that
+    writes the rows in 0.5 s with a 4000 B/s host copy costs 0.5 + 0 + 0.5 = 1.0 s, not less than
+    the recompute (alpha 0); a 0.25 s link costs 0.75 s (alpha 1, capped by the budget where one
+    is set); a 2 s link 3 s (alpha 0). Untiled, the layer-level rule applies (its forward hides the
+    copies: alpha 1)."""
     args = dict(whole_bytes=0, row_bytes=1000, layer_forward_s=4.0, n_offloaded=1, host_budget_bytes=10**9)
-    assert cost.tokenwise_alpha(copy_bytes_per_s=2000.0, **args, tiles=4, rowwise_forward_s=1.0) == 1.0
-    assert cost.exposed_row_copy_s(1000, 1.0, 1000 / 1.5) == pytest.approx(0.5)
-    assert cost.tokenwise_alpha(copy_bytes_per_s=1000 / 1.5, **args, tiles=4, rowwise_forward_s=1.0) == 1.0
-    assert cost.exposed_row_copy_s(1000, 1.0, 1000 / 3) == pytest.approx(3.0)
-    assert cost.tokenwise_alpha(copy_bytes_per_s=1000 / 3, **args, tiles=4, rowwise_forward_s=1.0) == 0.0
-    # untiled, the layer-level rule: the 4 s forward hides 4 x 333 bytes, more than the rows' 1000
-    assert cost.tokenwise_alpha(copy_bytes_per_s=1000 / 3, **args) == 1.0
-    # the budget still caps the tiled rule
-    capped = {**args, "host_budget_bytes": 250}
-    assert cost.tokenwise_alpha(copy_bytes_per_s=1000 / 1.5, **capped, tiles=4, rowwise_forward_s=1.0) == 0.25
+    tiled = dict(tiles=4, rowwise_forward_s=1.0, host_copy_bytes_per_s=4000.0)
+    assert cost.row_offload_seconds(1000, 1.0, 2000.0, 4000.0) == pytest.approx(1.0)
+    assert cost.tokenwise_alpha(copy_bytes_per_s=2000.0, **args, **tiled) == 0.0
+    assert cost.row_offload_seconds(1000, 1.0, 4000.0, 4000.0) == pytest.approx(0.75)
+    assert cost.tokenwise_alpha(copy_bytes_per_s=4000.0, **args, **tiled) == 1.0
+    assert (
+        cost.tokenwise_alpha(copy_bytes_per_s=4000.0, **{**args, "host_budget_bytes": 250}, **tiled) == 0.25
+    )
+    assert cost.row_offload_seconds(1000, 1.0, 500.0, None) == pytest.approx(3.0)  # a GPU: no CPU copy
+    assert (
+        cost.tokenwise_alpha(copy_bytes_per_s=500.0, **args, **{**tiled, "host_copy_bytes_per_s": None})
+        == 0.0
+    )
+    assert cost.tokenwise_alpha(copy_bytes_per_s=500.0, **args) == 1.0
 
 
 def test_tokenwise_alpha_raises_when_whole_tensors_exceed_the_budget():
