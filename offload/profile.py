@@ -85,34 +85,42 @@ def copy_bandwidth(store: ActivationStore, nbytes: int, device: torch.device) ->
     return n / max(seconds, 1e-9)
 
 
-def layer_forward_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int = 2) -> float:
-    """One layer's forward (no grad) at ``x_th``'s length: the fastest of ``runs`` timed runs after
-    an untimed one. The first run at a new length is cold (first-touch allocations, kernel setup)
-    and measured ~2.5x the warm time, which made alpha="auto" offload more rows than the link hides."""
+def _warm_seconds(fn, device: torch.device, runs: int) -> float:
+    """The fastest of ``runs`` timed no-grad runs of ``fn`` after an untimed one."""
     times = []
     with torch.no_grad():
         for _ in range(runs + 1):
             t0 = time.perf_counter()
-            parts.call(functools.partial(run_layer, parts), x_th, ctx)
-            if x_th.is_cuda:
-                torch.cuda.synchronize(x_th.device)
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
     return min(times[1:])
+
+
+def layer_forward_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int = 2) -> float:
+    """One layer's forward (no grad) at ``x_th``'s length: the fastest of ``runs`` timed runs after
+    an untimed one. The first run at a new length is cold (first-touch allocations, kernel setup)
+    and measured ~2.5x the warm time, which made alpha="auto" offload more rows than the link hides."""
+    return _warm_seconds(
+        lambda: parts.call(functools.partial(run_layer, parts), x_th, ctx), x_th.device, runs
+    )
 
 
 def attention_seconds(parts: LayerParts, x_th: Tensor, ctx: LayerContext, runs: int = 2) -> float:
     """The layer's attention core alone (no grad) on q, k, v of ``x_th``: the fastest of ``runs``
     timed runs after an untimed one."""
-    times = []
     with torch.no_grad():
         q, k, v = parts.call(parts.pre_attention, x_th, ctx.cos_td, ctx.sin_td)
-        for _ in range(runs + 1):
-            t0 = time.perf_counter()
-            ctx.attention(parts, q, k, v)
-            if x_th.is_cuda:
-                torch.cuda.synchronize(x_th.device)
-            times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return _warm_seconds(lambda: ctx.attention(parts, q, k, v), x_th.device, runs)
+
+
+def host_copy_bandwidth(store: ActivationStore, nbytes: int, device: torch.device) -> float | None:
+    """On a CPU device, the bandwidth of a write into the tier itself (behind an emulated link: the
+    store under it): what a copy costs the CPU's compute. None elsewhere (a copy engine copies)."""
+    if device.type != "cpu":
+        return None
+    return copy_bandwidth(getattr(store, "store", store), nbytes, device)
 
 
 def measure(
@@ -128,16 +136,13 @@ def measure(
     attention_s = attention_seconds(layers[0], x_th, ctx)
     nbytes = int((whole_pt + rows_pt) * x_th.shape[0])
     bandwidth = copy_bandwidth(store, nbytes, x_th.device)
-    host_copy = None
-    if x_th.device.type == "cpu":  # the CPU copies itself: what a copy costs its compute
-        host_copy = copy_bandwidth(getattr(store, "store", store), nbytes, x_th.device)
     return LayerProfile(
         layer_forward_s=layer_s,
         copy_bytes_per_s=bandwidth,
         whole_bytes_per_token=whole_pt,
         row_bytes_per_token=rows_pt,
         rowwise_forward_s=max(0.0, layer_s - attention_s),
-        host_copy_bytes_per_s=host_copy,
+        host_copy_bytes_per_s=host_copy_bandwidth(store, nbytes, x_th.device),
     )
 
 
@@ -199,11 +204,7 @@ def auto_alphas(
             first = next(iter(profiles.values()))
             layer_bytes = int((first.whole_bytes_per_token + first.row_bytes_per_token) * t)
             bandwidth = copy_bandwidth(stores[tier], layer_bytes, x_th.device)
-            host_copy = None
-            if x_th.device.type == "cpu":
-                host_copy = copy_bandwidth(
-                    getattr(stores[tier], "store", stores[tier]), layer_bytes, x_th.device
-                )
+            host_copy = host_copy_bandwidth(stores[tier], layer_bytes, x_th.device)
             prof = dataclasses.replace(first, copy_bytes_per_s=bandwidth, host_copy_bytes_per_s=host_copy)
         profiles[tier] = prof
         whole, rows = int(prof.whole_bytes_per_token * t), int(prof.row_bytes_per_token * t)
