@@ -223,16 +223,24 @@ class Slot:
         self.buf[:HEADER_BYTES].copy_(header)
         self._set_state(state)
 
-    def read(self, after_tensor: Callable[[int], None] | None = None) -> Snapshot | str:
-        """The slot's snapshot (tensors copied out), or why it is not usable. ``after_tensor(i)``
-        runs after the i-th tensor is copied out (tests start a writer there)."""
+    def _table(self) -> tuple[int, int, int, dict] | str:
+        """(seq, step, data offset, tensor table) of a complete slot whose table matches its crc32,
+        or why the slot is not usable."""
         state, seq, step, t_off, t_len, t_crc, d_off, _ = self.header()
         if state != COMPLETE:
             return "empty" if state == EMPTY else "incomplete (a write was interrupted or is running)"
         table_bytes = bytes(self._mm[t_off : t_off + t_len])
         if zlib.crc32(table_bytes) != t_crc:
             return "its tensor table does not match its crc32"
-        table = json.loads(table_bytes)
+        return seq, step, d_off, json.loads(table_bytes)
+
+    def read(self, after_tensor: Callable[[int], None] | None = None) -> Snapshot | str:
+        """The slot's snapshot (tensors copied out), or why it is not usable. ``after_tensor(i)``
+        runs after the i-th tensor is copied out (tests start a writer there)."""
+        found = self._table()
+        if isinstance(found, str):
+            return found
+        seq, step, d_off, table = found
         tensors = {}
         for entry in table["tensors"]:
             lo = d_off + entry["offset"]
@@ -251,13 +259,10 @@ class Slot:
         storage of its own bytes (``torch.save`` writes a view's whole storage), checked against
         its crc32; or why it is not usable. For a reader that holds the slot against writers
         (the agent persisting it, ``persist.py``); the views must go before ``close``."""
-        state, seq, step, t_off, t_len, t_crc, d_off, _ = self.header()
-        if state != COMPLETE:
-            return "empty" if state == EMPTY else "incomplete (a write was interrupted or is running)"
-        table_bytes = bytes(self._mm[t_off : t_off + t_len])
-        if zlib.crc32(table_bytes) != t_crc:
-            return "its tensor table does not match its crc32"
-        table = json.loads(table_bytes)
+        found = self._table()
+        if isinstance(found, str):
+            return found
+        seq, step, d_off, table = found
         tensors = {}
         for entry in table["tensors"]:
             dtype = _DTYPES[entry["dtype"]]
